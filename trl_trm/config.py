@@ -1,0 +1,147 @@
+"""`TRMConfig`: `GRPOConfig` plus the `trm_*` fields of Trust Region Masking."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trl import GRPOConfig
+
+from .masking import (
+    DEFAULT_DELTA_AVG,
+    DEFAULT_DELTA_MAX,
+    DEFAULT_GEO_HIGH,
+    DEFAULT_GEO_LOW,
+    DEFAULT_RATIO_MAX,
+    TRM_MODES,
+    validate_thresholds,
+)
+
+MASK_POLICIES = ("current", "generation")
+
+
+@dataclass
+class TRMConfig(GRPOConfig):
+    r"""
+    Configuration for [`TRMTrainer`]: every [`~trl.GRPOConfig`] field plus the `trm_*` fields below.
+
+    Exactly one off-policy correction is ever applied. With `trm_mode != "none"`, TRL's own corrections must be off:
+    `vllm_importance_sampling_correction` (whose default is switched to `False` here) and
+    `off_policy_mask_threshold`. With `trm_mode="none"` TRM only logs its diagnostics, and TRL's correction may be
+    switched on.
+
+    Parameters:
+        trm_mode (`str`, defaults to `"trm"`):
+            Correction: `"trm"`, `"geo_mask"`, `"seq_mis"`, `"seq_tis"`, `"token_tis"`, `"token_mis"` or `"none"`.
+        trm_delta_max (`float` or `None`, defaults to `log(2) ≈ 0.693`):
+            `trm`: reject a sequence when max_t |log ρ_t| exceeds it (every token ratio must lie in
+            [e^-δ, e^δ] = [1/2, 2]). `None` switches the criterion off.
+        trm_delta_avg (`float` or `None`, defaults to `0.01`):
+            `trm`: reject when the mean per-token k3 = ρ - 1 - log ρ exceeds it (public k3 rejection presets use
+            0.01). `None` switches the criterion off.
+        trm_geo_low / trm_geo_high (`float` or `None`, defaults to `0.99` / `1.01`):
+            `geo_mask`: keep when the geometric-mean ratio lies in [low, high] (Geo-Mask notes: 1 ± 0.001…0.01).
+        trm_ratio_min / trm_ratio_max (`float` or `None`, defaults to `None` / `2.0`):
+            Band on ρ_t (`token_*`) or on the product ratio (`seq_*`): the rejection level of `*_mis` and the
+            truncation level C of `*_tis` (C = 2 as in the TIS literature).
+        trm_mask_policy (`str`, defaults to `"current"`):
+            Which π_θ the mask compares with π_roll: `"current"` evaluates it in every loss computation against the
+            policy being optimised (it also covers staleness when `num_iterations > 1` or
+            `steps_per_generation > 1`); `"generation"` evaluates it once, when the batch is generated.
+        trm_nonfinite (`str`, defaults to `"reject"`):
+            A sequence with a NaN/inf log-prob cannot be certified: `"reject"` rejects it (counted in
+            `trm/nonfinite_frac`), `"raise"` stops training with an error.
+    """
+
+    trm_mode: str = field(
+        default="trm",
+        metadata={"help": "Correction mode.", "choices": list(TRM_MODES)},
+    )
+    trm_delta_max: float | None = field(
+        default=DEFAULT_DELTA_MAX,
+        metadata={
+            "help": "TRM max criterion: reject a sequence when max_t |log rho_t| > trm_delta_max. Default log(2): "
+            "every token ratio in [1/2, 2]. None switches it off."
+        },
+    )
+    trm_delta_avg: float | None = field(
+        default=DEFAULT_DELTA_AVG,
+        metadata={
+            "help": "TRM average criterion: reject when mean_t k3(rho_t) > trm_delta_avg. Default 0.01 (public k3 "
+            "rejection presets). None switches it off."
+        },
+    )
+    trm_geo_low: float | None = field(
+        default=DEFAULT_GEO_LOW,
+        metadata={"help": "Geo-Mask lower bound on the geometric-mean ratio. None switches it off."},
+    )
+    trm_geo_high: float | None = field(
+        default=DEFAULT_GEO_HIGH,
+        metadata={"help": "Geo-Mask upper bound on the geometric-mean ratio. None switches it off."},
+    )
+    trm_ratio_min: float | None = field(
+        default=None,
+        metadata={"help": "Lower band on rho_t (token modes) or the product ratio (seq modes). None is off."},
+    )
+    trm_ratio_max: float | None = field(
+        default=DEFAULT_RATIO_MAX,
+        metadata={"help": "Upper band / truncation level C on rho_t (token modes) or the product ratio (seq modes)."},
+    )
+    trm_mask_policy: str = field(
+        default="current",
+        metadata={
+            "help": "Which policy the mask is evaluated against: 'current' (at every optimisation step, default) "
+            "or 'generation' (once, when the batch is generated).",
+            "choices": list(MASK_POLICIES),
+        },
+    )
+    trm_nonfinite: str = field(
+        default="reject",
+        metadata={
+            "help": "Sequences with NaN/inf log-probs: 'reject' (default, counted in trm/nonfinite_frac) or 'raise'.",
+            "choices": ["reject", "raise"],
+        },
+    )
+    # TRL's own vLLM correction would stack on top of TRM: off by default here (GRPOConfig defaults it to True).
+    vllm_importance_sampling_correction: bool = field(
+        default=False,
+        metadata={
+            "help": "TRL's own vLLM importance-sampling correction. Must stay False unless trm_mode='none': exactly "
+            "one correction is applied."
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        validate_thresholds(
+            self.trm_mode,
+            delta_max=self.trm_delta_max,
+            delta_avg=self.trm_delta_avg,
+            geo_low=self.trm_geo_low,
+            geo_high=self.trm_geo_high,
+            ratio_min=self.trm_ratio_min,
+            ratio_max=self.trm_ratio_max,
+            name_prefix="trm_",
+        )
+        if self.trm_mask_policy not in MASK_POLICIES:
+            raise ValueError(
+                f"Unknown `trm_mask_policy` {self.trm_mask_policy!r}. Choose one of {list(MASK_POLICIES)}."
+            )
+        if self.trm_nonfinite not in ("reject", "raise"):
+            raise ValueError(f"Unknown `trm_nonfinite` {self.trm_nonfinite!r}. Choose 'reject' or 'raise'.")
+        if self.trm_mode != "none":
+            if self.vllm_importance_sampling_correction:
+                raise ValueError(
+                    f"`trm_mode={self.trm_mode!r}` and `vllm_importance_sampling_correction=True` would apply two "
+                    "off-policy corrections. Set `vllm_importance_sampling_correction=False` (TRM replaces it), or "
+                    "`trm_mode='none'` to keep TRL's correction and log TRM diagnostics only."
+                )
+            if self.off_policy_mask_threshold is not None:
+                raise ValueError(
+                    f"`trm_mode={self.trm_mode!r}` and `off_policy_mask_threshold` would apply two off-policy "
+                    "corrections. Set `off_policy_mask_threshold=None`, or `trm_mode='none'`."
+                )
+        if self.loss_type == "vespo" and self.trm_mode != "none":
+            raise ValueError(
+                "`loss_type='vespo'` applies its own sequence-level importance weighting; it cannot be combined with "
+                f"`trm_mode={self.trm_mode!r}`. Use another `loss_type`, or `trm_mode='none'`."
+            )
