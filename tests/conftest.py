@@ -1,0 +1,72 @@
+"""Shared fixtures: a tiny model and tokenizer built locally (no download), a toy dataset and a trainer factory."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("WANDB_DISABLED", "true")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    from trl_trm.tiny import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def toy_dataset():
+    from datasets import Dataset
+
+    return Dataset.from_list([{"prompt": f"{i}+{i % 7}="} for i in range(64)])
+
+
+def length_reward(completions, **kwargs):
+    """Reward in [0, 1] that varies between completions, so advantages are non-zero."""
+    return [min(len(c), 40) / 40 for c in completions]
+
+
+def base_config_kwargs(output_dir, **overrides):
+    """TRMConfig kwargs for fast CPU runs: bf16 autocast on CPU gives a real rollout/training mismatch."""
+    kwargs = dict(
+        output_dir=str(output_dir),
+        use_cpu=True,
+        bf16=True,
+        per_device_train_batch_size=4,
+        num_generations=4,
+        max_completion_length=12,
+        learning_rate=1e-2,
+        max_steps=2,
+        logging_steps=1,
+        report_to=[],
+        gradient_checkpointing=False,
+        save_strategy="no",
+        seed=0,
+        temperature=1.0,
+    )
+    kwargs.update(overrides)
+    return kwargs
+
+
+@pytest.fixture
+def make_trainer(tiny_model_dir, toy_dataset, tmp_path):
+    """Factory: `make_trainer(peft_config=None, rollout_func=None, **config_overrides) -> TRMTrainer`."""
+    from trl_trm import TRMConfig, TRMTrainer
+
+    def _make(peft_config=None, rollout_func=None, reward_funcs=length_reward, **overrides):
+        args = TRMConfig(**base_config_kwargs(tmp_path / "out", **overrides))
+        return TRMTrainer(
+            model=tiny_model_dir,
+            reward_funcs=reward_funcs,
+            args=args,
+            train_dataset=toy_dataset,
+            peft_config=peft_config,
+            rollout_func=rollout_func,
+        )
+
+    return _make

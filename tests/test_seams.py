@@ -1,0 +1,54 @@
+"""What TRMTrainer relies on from TRL's GRPOTrainer (trl pinned to 1.16): if TRL changes a seam, this fails first."""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+import trl
+from trl import GRPOTrainer
+
+from trl_trm import TRMTrainer
+
+
+def test_trl_is_the_tested_minor():
+    assert trl.__version__.startswith("1.16."), f"trl_trm is tested against trl 1.16, found {trl.__version__}"
+
+
+def test_compute_loss_reads_advantages_after_the_logps_forward():
+    # TRMTrainer evaluates the mask inside `_get_per_token_logps_and_entropies` and scales `inputs["advantages"]`,
+    # which `_compute_loss` must read afterwards (and read only once, from `inputs`).
+    src = inspect.getsource(GRPOTrainer._compute_loss)
+    forward = src.index("self._get_per_token_logps_and_entropies(")
+    read = src.index('advantages = inputs["advantages"]')
+    assert forward < read
+    assert src.count("self._get_per_token_logps_and_entropies(") == 1
+    assert "advantages.dim() == 1" in src  # (B, T) advantages are supported
+
+
+def test_generate_returns_logprobs_at_index_4(make_trainer):
+    trainer = make_trainer()
+    out = trainer._generate(["1+1=", "2+2=", "3+3=", "4+4="])
+    assert len(out) == 8
+    prompt_ids, completion_ids, logprobs = out[0], out[1], out[4]
+    assert len(prompt_ids) == len(completion_ids) == len(logprobs) == 4
+    assert [len(c) for c in completion_ids] == [len(lp) for lp in logprobs]
+    assert all(v <= 0.0 for lp in logprobs for v in lp)
+
+
+def test_generate_and_score_keys_and_shapes(make_trainer, toy_dataset):
+    trainer = make_trainer()
+    trainer.model.train()
+    batch = [toy_dataset[i] for i in range(4)]
+    out = GRPOTrainer._generate_and_score_completions(trainer, batch)  # super(), without our post-processing
+    for key in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "advantages", "num_items_in_batch"):
+        assert key in out, key
+    assert "sampling_per_token_logps" in out  # TRL pads the log-probs our `_generate_single_turn` captured
+    B, T = out["completion_ids"].shape
+    assert out["completion_mask"].shape == (B, T)
+    assert out["sampling_per_token_logps"].shape == (B, T)
+    assert out["sampling_per_token_logps"].dtype == torch.float32
+    assert out["advantages"].shape == (B,)
+    assert out["prompt_ids"].shape == out["prompt_mask"].shape
+    assert "importance_sampling_ratio" not in out  # TRL's own correction is off under TRMConfig
+    assert TRMTrainer._generate_and_score_completions is not GRPOTrainer._generate_and_score_completions
