@@ -68,6 +68,7 @@ class TrustRegionMaskOutput:
         geo_ratio: (B,) exp(mean_t log rho_t) (1 for empty rows).
         seq_log_ratio: (B,) sum_t log rho_t.
         length: (B,) long. Number of valid tokens T_i.
+        num_finite: (B,) long. Number of valid tokens with finite log-probs (the denominator of the means above).
         finite: (B,) bool. All valid positions have finite log-probs in both inputs.
         rejected_by: criterion name -> (B,) bool, True where that criterion alone rejects the sequence (criteria that
             are switched off are absent). Contains "nonfinite" in every mode but `none`, which rejects nothing. A
@@ -83,6 +84,7 @@ class TrustRegionMaskOutput:
     geo_ratio: torch.Tensor
     seq_log_ratio: torch.Tensor
     length: torch.Tensor
+    num_finite: torch.Tensor
     finite: torch.Tensor
     rejected_by: dict[str, torch.Tensor] = field(default_factory=dict)
     token_weight_sum: torch.Tensor | None = None
@@ -98,6 +100,7 @@ class TrustRegionMaskOutput:
             "geo_ratio": self.geo_ratio,
             "seq_log_ratio": self.seq_log_ratio,
             "length": self.length.float(),
+            "num_finite": self.num_finite.float(),
             "finite": self.finite.float(),
             "token_weight_sum": self.token_weight_sum,
         }
@@ -146,19 +149,20 @@ def validate_thresholds(
     if mode == "geo_mask":
         if geo_low is None and geo_high is None:
             raise ValueError(f"`{p}mode='geo_mask'` needs `{p}geo_low` and/or `{p}geo_high`; both are None.")
-        if geo_low is not None and geo_high is not None and not geo_low <= 1.0 <= geo_high:
+        if (geo_low is not None and geo_low > 1.0) or (geo_high is not None and geo_high < 1.0):
             raise ValueError(
-                f"Geo-Mask band must contain 1: got `{p}geo_low`={geo_low}, `{p}geo_high`={geo_high}. "
-                f"Use e.g. `{p}geo_low=0.99, {p}geo_high=1.01`."
+                f"The Geo-Mask band must contain 1 (an on-policy sequence must be kept): got `{p}geo_low`={geo_low}, "
+                f"`{p}geo_high`={geo_high}. Use e.g. `{p}geo_low=0.99, {p}geo_high=1.01`."
             )
     if mode in ("seq_mis", "seq_tis", "token_tis", "token_mis"):
         if ratio_max is None and mode != "token_mis":
             raise ValueError(f"`{p}mode={mode!r}` needs `{p}ratio_max` (the truncation/rejection level C).")
         if mode == "token_mis" and ratio_max is None and ratio_min is None:
             raise ValueError(f"`{p}mode='token_mis'` needs `{p}ratio_min` and/or `{p}ratio_max`; both are None.")
-        if ratio_min is not None and ratio_max is not None and not ratio_min <= 1.0 <= ratio_max:
+        if (ratio_min is not None and ratio_min > 1.0) or (ratio_max is not None and ratio_max < 1.0):
             raise ValueError(
-                f"The ratio band must contain 1: got `{p}ratio_min`={ratio_min}, `{p}ratio_max`={ratio_max}."
+                f"The ratio band must contain 1 (an on-policy sequence must be kept at weight 1): got "
+                f"`{p}ratio_min`={ratio_min}, `{p}ratio_max`={ratio_max}. Use e.g. `{p}ratio_max=2.0`."
             )
 
 
@@ -242,7 +246,8 @@ def compute_trust_region_mask(
         valid = mask & token_finite  # (B, T)
         lr = torch.where(valid, log_ratio, 0.0)  # (B, T), exact zeros off the valid set
         length = mask.sum(dim=-1)  # (B,)
-        n_finite = valid.sum(dim=-1).clamp(min=1).to(dtype)  # (B,) safe denominator
+        num_finite = valid.sum(dim=-1)  # (B,)
+        n_finite = num_finite.clamp(min=1).to(dtype)  # (B,) safe denominator
 
         seq_log_ratio = lr.sum(dim=-1)  # (B,)
         log_geo = seq_log_ratio / n_finite  # (B,)
@@ -302,6 +307,7 @@ def compute_trust_region_mask(
         geo_ratio=torch.exp(log_geo),
         seq_log_ratio=seq_log_ratio,
         length=length,
+        num_finite=num_finite,
         finite=finite,
         rejected_by=rejected_by,
         token_weight_sum=weights.sum(dim=-1),
@@ -332,6 +338,7 @@ def summarize_mask_stats(stats: dict[str, torch.Tensor], prefix: str = "trm/") -
     s = {k: v[nonempty].double() for k, v in stats.items()}
     length = s["length"]
     n_tokens = length.sum()
+    n_fin = s["num_finite"]
     out: dict[str, float] = {
         f"{prefix}accept_rate": _safe_mean(s["keep"]),
         f"{prefix}nonfinite_frac": _safe_mean(1.0 - s["finite"]),
@@ -339,9 +346,9 @@ def summarize_mask_stats(stats: dict[str, torch.Tensor], prefix: str = "trm/") -
         f"{prefix}log_ratio_abs_max/max": _safe_max(s["log_ratio_abs_max"]),
         f"{prefix}k3_mean/mean": _safe_mean(s["k3_mean"]),
         f"{prefix}k3_mean/max": _safe_max(s["k3_mean"]),
-        # token-weighted means over every valid token of the batch (sum over sequences of T_i * per-sequence mean)
-        f"{prefix}kl_k1": float((s["k1_mean"] * length).sum() / n_tokens) if n_tokens > 0 else float("nan"),
-        f"{prefix}kl_k3": float((s["k3_mean"] * length).sum() / n_tokens) if n_tokens > 0 else float("nan"),
+        # token-weighted means over every finite valid token of the batch
+        f"{prefix}kl_k1": float((s["k1_mean"] * n_fin).sum() / n_fin.sum()) if n_fin.sum() > 0 else float("nan"),
+        f"{prefix}kl_k3": float((s["k3_mean"] * n_fin).sum() / n_fin.sum()) if n_fin.sum() > 0 else float("nan"),
         f"{prefix}geo_ratio/min": _safe_min(s["geo_ratio"]),
         f"{prefix}geo_ratio/mean": _safe_mean(s["geo_ratio"]),
         f"{prefix}geo_ratio/max": _safe_max(s["geo_ratio"]),
@@ -351,7 +358,7 @@ def summarize_mask_stats(stats: dict[str, torch.Tensor], prefix: str = "trm/") -
         out[f"{prefix}reject_rate/{key.split('/', 1)[1]}"] = _safe_mean(s[key])
     # Accept rate by completion-length quartile (q1 = shortest quarter): the length-bias diagnostic.
     if length.numel() > 0:
-        edges = torch.quantile(length, torch.tensor([0.25, 0.5, 0.75], dtype=length.dtype))
+        edges = torch.quantile(length, torch.tensor([0.25, 0.5, 0.75], dtype=length.dtype, device=length.device))
         bucket = torch.bucketize(length, edges, right=False)  # 0..3, ties go to the lower quartile
         for q in range(4):
             in_q = bucket == q
