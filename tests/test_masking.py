@@ -283,6 +283,7 @@ def test_sequence_stats_keys_and_values():
         "keep",
         "length",
         "num_finite",
+        "k3_max",
         "finite",
         "token_weight_sum",
         *STAT_NAMES,
@@ -887,6 +888,7 @@ HAND_STATS = _stats(
     finite=[1, 1, 1, 0],
     log_ratio_abs_max=[0.1, 0.9, 50.0, 0.3],
     k3_mean=[0.004, 0.2, 7.0, 0.05],
+    k3_max=[0.006, 0.5, 9.0, 0.07],
     k1_mean=[0.01, -0.1, 3.0, 0.02],
     geo_ratio=[0.99, 1.2, 9.0, 0.95],
     seq_log_ratio=[0.02, 0.4, 9.0, -0.04],
@@ -930,6 +932,20 @@ def test_summarize_hand_built_batch():
     assert all(isinstance(v, float) for v in m.values())
 
 
+def test_summarize_bound_estimates_use_accepted_sequences_only():
+    m = summarize_mask_stats(HAND_STATS)
+    # the only accepted, finite, non-empty sequence is 0: T = 2, k3 max 0.006, sum_t k3 = 2 * 0.004
+    T, tok, seq = 2.0, 0.006, 2 * 0.004
+    assert m["trm/bound/length"] == T
+    assert m["trm/bound/kl_tok_max_estimate"] == pytest.approx(tok)
+    assert m["trm/bound/kl_seq_estimate"] == pytest.approx(seq)
+    assert m["trm/bound/trpo_estimate"] == pytest.approx(T * (T - 1) * tok)
+    assert m["trm/bound/pinsker_marginal_estimate"] == pytest.approx(4 / 3 * T**1.5 * tok)
+    assert m["trm/bound/mixed_estimate"] == pytest.approx(2 * T * math.sqrt(tok * seq))
+    rejected = {**HAND_STATS, "keep": torch.zeros(4)}
+    assert all(math.isnan(v) for k, v in summarize_mask_stats(rejected).items() if "/bound/" in k)
+
+
 def test_summarize_prefix():
     m = summarize_mask_stats(HAND_STATS, prefix="mask/")
     assert m and all(k.startswith("mask/") for k in m)
@@ -945,6 +961,7 @@ def _length_batch(keep):
         finite=[1] * n,
         log_ratio_abs_max=[0.0] * n,
         k3_mean=[0.0] * n,
+        k3_max=[0.0] * n,
         k1_mean=[0.0] * n,
         geo_ratio=[1.0] * n,
         seq_log_ratio=[0.0] * n,

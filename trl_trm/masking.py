@@ -39,6 +39,8 @@ from typing import Literal
 
 import torch
 
+from .bounds import error_bounds
+
 TRM_MODES = ("trm", "geo_mask", "seq_mis", "seq_tis", "token_tis", "token_mis", "none")
 """Correction modes implemented by :func:`compute_trust_region_mask`."""
 
@@ -64,6 +66,7 @@ class TrustRegionMaskOutput:
             TIS modes, token 0/1 for `token_mis`; always exactly 0 on padding and on rejected sequences.
         log_ratio_abs_max: (B,) D_max = max_t |log rho_t| (0 for empty rows).
         k3_mean: (B,) D_avg = mean_t k3(rho_t) (0 for empty rows).
+        k3_max: (B,) max_t k3(rho_t): a one-sample estimate of the sequence's largest per-context KL.
         k1_mean: (B,) mean_t -log rho_t, the k1 estimate of KL(pi_roll || pi_theta) per token.
         geo_ratio: (B,) exp(mean_t log rho_t) (1 for empty rows).
         seq_log_ratio: (B,) sum_t log rho_t.
@@ -80,6 +83,7 @@ class TrustRegionMaskOutput:
     weights: torch.Tensor
     log_ratio_abs_max: torch.Tensor
     k3_mean: torch.Tensor
+    k3_max: torch.Tensor
     k1_mean: torch.Tensor
     geo_ratio: torch.Tensor
     seq_log_ratio: torch.Tensor
@@ -96,6 +100,7 @@ class TrustRegionMaskOutput:
             "keep": self.keep.float(),
             "log_ratio_abs_max": self.log_ratio_abs_max,
             "k3_mean": self.k3_mean,
+            "k3_max": self.k3_max,
             "k1_mean": self.k1_mean,
             "geo_ratio": self.geo_ratio,
             "seq_log_ratio": self.seq_log_ratio,
@@ -254,6 +259,7 @@ def compute_trust_region_mask(
         log_ratio_abs_max = lr.abs().amax(dim=-1) if lr.size(-1) > 0 else lr.new_zeros(lr.size(0))  # (B,)
         k3 = torch.expm1(lr) - lr  # (B, T), exactly 0 where lr == 0 (padding)
         k3_mean = k3.sum(dim=-1) / n_finite  # (B,)
+        k3_max = k3.amax(dim=-1) if k3.size(-1) > 0 else k3.new_zeros(k3.size(0))  # (B,), k3 >= 0 and 0 off-mask
         k1_mean = -log_geo  # (B,)
 
         rejected_by: dict[str, torch.Tensor] = {"nonfinite": ~finite}
@@ -303,6 +309,7 @@ def compute_trust_region_mask(
         weights=weights,
         log_ratio_abs_max=log_ratio_abs_max,
         k3_mean=k3_mean,
+        k3_max=k3_max,
         k1_mean=k1_mean,
         geo_ratio=torch.exp(log_geo),
         seq_log_ratio=seq_log_ratio,
@@ -324,6 +331,23 @@ def _safe_min(x: torch.Tensor) -> float:
 
 def _safe_max(x: torch.Tensor) -> float:
     return float(x.max()) if x.numel() > 0 else float("nan")
+
+
+def _bound_estimates(s: dict[str, torch.Tensor], prefix: str) -> dict[str, float]:
+    """Error bounds (talk §2.5-2.6) for the accepted sequences, from sample-based k3 estimates: T is the longest
+    accepted completion, D_KL^tok,max is estimated by the largest k3(rho_t) over accepted tokens and D_KL^seq by
+    the mean over accepted sequences of sum_t k3(rho_t). They are estimates, not certificates (hence the names)."""
+    keys = ("length", "kl_tok_max_estimate", "kl_seq_estimate", "trpo_estimate", "pinsker_marginal_estimate")
+    keys += ("mixed_estimate",)
+    accepted = (s["keep"] > 0.5) & (s["finite"] > 0.5)
+    if not bool(accepted.any()):
+        return {f"{prefix}bound/{k}": float("nan") for k in keys}
+    length = float(s["length"][accepted].max())
+    kl_tok_max = float(s["k3_max"][accepted].max())
+    kl_seq = float((s["k3_mean"] * s["num_finite"])[accepted].mean())
+    bounds = error_bounds(length, kl_tok_max, kl_seq)
+    values = (length, kl_tok_max, kl_seq, bounds["trpo"], bounds["pinsker_marginal"], bounds["mixed"])
+    return {f"{prefix}bound/{k}": float(v) for k, v in zip(keys, values, strict=True)}
 
 
 def summarize_mask_stats(stats: dict[str, torch.Tensor], prefix: str = "trm/") -> dict[str, float]:
@@ -356,6 +380,7 @@ def summarize_mask_stats(stats: dict[str, torch.Tensor], prefix: str = "trm/") -
     }
     for key in sorted(k for k in s if k.startswith("rejected_by/")):
         out[f"{prefix}reject_rate/{key.split('/', 1)[1]}"] = _safe_mean(s[key])
+    out.update(_bound_estimates(s, prefix))
     # Accept rate by completion-length quartile (q1 = shortest quarter): the length-bias diagnostic.
     if length.numel() > 0:
         edges = torch.quantile(length, torch.tensor([0.25, 0.5, 0.75], dtype=length.dtype, device=length.device))
