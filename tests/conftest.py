@@ -59,7 +59,8 @@ def make_trainer(tiny_model_dir, toy_dataset, tmp_path):
     from trl_trm import TRMConfig, TRMTrainer
 
     def _make(peft_config=None, rollout_func=None, reward_funcs=length_reward, **overrides):
-        args = TRMConfig(**base_config_kwargs(tmp_path / "out", **overrides))
+        output_dir = overrides.pop("output_dir", tmp_path / "out")
+        args = TRMConfig(**base_config_kwargs(output_dir, **overrides))
         return TRMTrainer(
             model=tiny_model_dir,
             reward_funcs=reward_funcs,

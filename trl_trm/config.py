@@ -47,6 +47,16 @@ class TRMConfig(GRPOConfig):
             Which π_θ the mask compares with π_roll: `"current"` evaluates it in every loss computation against the
             policy being optimised (it also covers staleness when `num_iterations > 1` or
             `steps_per_generation > 1`); `"generation"` evaluates it once, when the batch is generated.
+        trm_target_accept_rate (`float` or `None`, defaults to `None`):
+            Adaptive thresholds (off by default). When set, a bounded multiplicative controller rescales
+            `trm_delta_max` and `trm_delta_avg` after every optimizer step toward this global accept rate (`trm` mode
+            only): scale ← clip(scale · exp(rate · (target − accept)), min_scale, max_scale). The thresholds in use
+            are logged as `trm/delta_max` and `trm/delta_avg`, and the controller state is saved in checkpoints.
+        trm_adapt_rate (`float`, defaults to `0.1`):
+            Controller gain: log-scale step per unit of accept-rate error.
+        trm_adapt_min_scale / trm_adapt_max_scale (`float`, defaults to `0.1` / `10.0`):
+            Limits on the thresholds relative to their configured values: the trust region is never widened beyond
+            `max_scale` × the configured δ.
         trm_nonfinite (`str`, defaults to `"reject"`):
             A sequence with a NaN/inf log-prob cannot be certified: `"reject"` rejects it (counted in
             `trm/nonfinite_frac`), `"raise"` stops training with an error.
@@ -101,6 +111,21 @@ class TRMConfig(GRPOConfig):
             "choices": ["reject", "raise"],
         },
     )
+    trm_target_accept_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "Adaptive thresholds: target global accept rate in (0, 1]. None (default) = fixed thresholds."
+        },
+    )
+    trm_adapt_rate: float = field(
+        default=0.1, metadata={"help": "Adaptive thresholds: log-scale step per unit of accept-rate error."}
+    )
+    trm_adapt_min_scale: float = field(
+        default=0.1, metadata={"help": "Adaptive thresholds: smallest threshold, relative to the configured one."}
+    )
+    trm_adapt_max_scale: float = field(
+        default=10.0, metadata={"help": "Adaptive thresholds: largest threshold, relative to the configured one."}
+    )
     # TRL's own vLLM correction would stack on top of TRM: off by default here (GRPOConfig defaults it to True).
     vllm_importance_sampling_correction: bool = field(
         default=False,
@@ -140,8 +165,28 @@ class TRMConfig(GRPOConfig):
                     f"`trm_mode={self.trm_mode!r}` and `off_policy_mask_threshold` would apply two off-policy "
                     "corrections. Set `off_policy_mask_threshold=None`, or `trm_mode='none'`."
                 )
+        if self.trm_target_accept_rate is not None:
+            if self.trm_mode != "trm":
+                raise ValueError(
+                    "`trm_target_accept_rate` steers `trm_delta_max`/`trm_delta_avg`, which only `trm_mode='trm'` "
+                    f"uses; got `trm_mode={self.trm_mode!r}`. Unset `trm_target_accept_rate` or use `trm_mode='trm'`."
+                )
+            self.make_adaptive_thresholds()  # validates the controller settings now, not at the first step
         if self.loss_type == "vespo" and self.trm_mode != "none":
             raise ValueError(
                 "`loss_type='vespo'` applies its own sequence-level importance weighting; it cannot be combined with "
                 f"`trm_mode={self.trm_mode!r}`. Use another `loss_type`, or `trm_mode='none'`."
             )
+
+    def make_adaptive_thresholds(self):
+        """The threshold controller configured by the `trm_target_accept_rate` / `trm_adapt_*` fields."""
+        from .adaptive import AdaptiveThresholds
+
+        return AdaptiveThresholds(
+            target_accept_rate=self.trm_target_accept_rate,
+            initial_delta_max=self.trm_delta_max,
+            initial_delta_avg=self.trm_delta_avg,
+            rate=self.trm_adapt_rate,
+            min_scale=self.trm_adapt_min_scale,
+            max_scale=self.trm_adapt_max_scale,
+        )

@@ -24,10 +24,12 @@ A seam TRL does not offer: a per-token loss-weight hook inside `_compute_loss`. 
 
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Any
 
 import torch
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOConfig, GRPOTrainer
 
 from .config import TRMConfig
@@ -65,6 +67,9 @@ class TRMTrainer(GRPOTrainer):
         self._trm_capture = not self.use_vllm and self.rollout_func is None
         self._trm_loss_inputs: dict[str, Any] | None = None
         self._trm_warned_no_logprobs = False
+        # Adaptive thresholds (off by default): global accept counts of the current optimizer step.
+        self._trm_adaptive = args.make_adaptive_thresholds() if args.trm_target_accept_rate is not None else None
+        self._trm_step_accept = [0.0, 0.0]  # kept, counted
 
     # ------------------------------------------------------------------ rollout log-probs
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
@@ -113,13 +118,14 @@ class TRMTrainer(GRPOTrainer):
         mask = inputs["completion_mask"]
         if "tool_mask" in inputs:
             mask = mask * inputs["tool_mask"]
+        adaptive = self._trm_adaptive
         return compute_trust_region_mask(
             per_token_logps,
             sampling,
             mask,
             mode=args.trm_mode,
-            delta_max=args.trm_delta_max,
-            delta_avg=args.trm_delta_avg,
+            delta_max=adaptive.delta_max if adaptive else args.trm_delta_max,
+            delta_avg=adaptive.delta_avg if adaptive else args.trm_delta_avg,
             geo_low=args.trm_geo_low,
             geo_high=args.trm_geo_high,
             ratio_min=args.trm_ratio_min,
@@ -137,6 +143,20 @@ class TRMTrainer(GRPOTrainer):
         metrics = summarize_mask_stats({n: gathered[:, j] for j, n in enumerate(names)})
         for key, value in metrics.items():
             self._metrics[mode][key].append(value)
+        if self._trm_adaptive is not None and mode == "train":
+            counted = gathered[:, names.index("length")] > 0
+            self._trm_step_accept[0] += float(gathered[counted, names.index("keep")].sum())
+            self._trm_step_accept[1] += float(counted.sum())
+            self._metrics[mode]["trm/delta_max"].append(self._trm_adaptive.delta_max or float("nan"))
+            self._metrics[mode]["trm/delta_avg"].append(self._trm_adaptive.delta_avg or float("nan"))
+
+    def _trm_adapt(self) -> None:
+        """At an optimizer-step boundary, move the thresholds toward the target using the step's global accept rate
+        (identical on every process: it is computed from gathered statistics)."""
+        kept, counted = self._trm_step_accept
+        if counted > 0:
+            self._trm_adaptive.update(kept / counted)
+        self._trm_step_accept = [0.0, 0.0]
 
     def _generate_and_score_completions(self, inputs):
         output = super()._generate_and_score_completions(inputs)
@@ -186,6 +206,8 @@ class TRMTrainer(GRPOTrainer):
             result = self._trm_mask(per_token_logps, inputs)
             self._trm_log(result)
             weights, keep = result.weights, result.keep
+        if self._trm_adaptive is not None and self.model.training and self.accelerator.sync_gradients:
+            self._trm_adapt()  # after this micro-batch's mask: the new thresholds apply from the next step on
         if self.args.trm_mode == "none":
             return
         advantages = inputs["advantages"]
@@ -196,3 +218,17 @@ class TRMTrainer(GRPOTrainer):
             inputs["ref_per_token_logps"] = torch.where(
                 keep.unsqueeze(1), inputs["ref_per_token_logps"], per_token_logps.detach()
             )
+
+    # ------------------------------------------------------------------ checkpoints (adaptive thresholds)
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self._trm_adaptive is not None and self.args.should_save:
+            folder = os.path.join(
+                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            )
+            self._trm_adaptive.save(folder)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if self._trm_adaptive is not None and checkpoint is not None:
+            self._trm_adaptive.load(checkpoint)
