@@ -16,6 +16,7 @@ def _config(tmp_path, **overrides):
     ("overrides", "match"),
     [
         ({"trm_mode": "tmr"}, r"Unknown `trm_mode` 'tmr'"),
+        ({"trm_mode": "trm_exact"}, r"not available in TRMTrainer yet"),
         ({"trm_delta_max": -0.1}, r"`trm_delta_max` must be a positive"),
         ({"trm_delta_avg": float("nan")}, r"`trm_delta_avg` must be a positive"),
         ({"trm_delta_max": None, "trm_delta_avg": None}, r"rejects nothing"),

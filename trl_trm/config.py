@@ -17,6 +17,8 @@ from .masking import (
 )
 
 MASK_POLICIES = ("current", "generation")
+# `trm_exact` needs per-position top-k rollout log-probs, which the trainer does not capture yet.
+TRAINER_MODES = tuple(m for m in TRM_MODES if m != "trm_exact")
 
 
 @dataclass
@@ -32,6 +34,7 @@ class TRMConfig(GRPOConfig):
     Parameters:
         trm_mode (`str`, defaults to `"trm"`):
             Correction: `"trm"`, `"geo_mask"`, `"seq_mis"`, `"seq_tis"`, `"token_tis"`, `"token_mis"` or `"none"`.
+            (`"trm_exact"` exists in `trl_trm.masking` but not yet in the trainer: it needs top-k rollout log-probs.)
         trm_delta_max (`float` or `None`, defaults to `log(2) ≈ 0.693`):
             `trm`: reject a sequence when max_t |log ρ_t| exceeds it (every token ratio must lie in
             [e^-δ, e^δ] = [1/2, 2]). `None` switches the criterion off.
@@ -64,7 +67,7 @@ class TRMConfig(GRPOConfig):
 
     trm_mode: str = field(
         default="trm",
-        metadata={"help": "Correction mode.", "choices": list(TRM_MODES)},
+        metadata={"help": "Correction mode.", "choices": list(TRAINER_MODES)},
     )
     trm_delta_max: float | None = field(
         default=DEFAULT_DELTA_MAX,
@@ -137,6 +140,13 @@ class TRMConfig(GRPOConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.trm_mode == "trm_exact":
+            raise ValueError(
+                "`trm_mode='trm_exact'` is not available in TRMTrainer yet: it needs the rollout engine's top-k "
+                "log-probs at every position, which the trainer does not capture. Use `trm_mode='trm'`, or compute "
+                "exact-KL masks yourself with `trl_trm.masking.topk_token_kl` and "
+                "`compute_trust_region_mask(..., mode='trm_exact', kl_tok=...)`."
+            )
         validate_thresholds(
             self.trm_mode,
             delta_max=self.trm_delta_max,

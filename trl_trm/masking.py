@@ -23,6 +23,7 @@ Modes (exactly one correction is ever applied):
 | mode        | keep / weight                                                              |
 |-------------|----------------------------------------------------------------------------|
 | `trm`       | keep = [D_max <= delta_max] AND [D_avg <= delta_avg] (a `None` criterion is off) |
+| `trm_exact` | keep = [max_t kl_tok <= delta_kl] (AND [D_avg <= delta_avg] if set); needs `kl_tok`  |
 | `geo_mask`  | keep = [geo_low <= geo <= geo_high]                                        |
 | `seq_mis`   | keep = [seq_log_ratio <= log ratio_max] (AND >= log ratio_min if set)      |
 | `seq_tis`   | weight = exp(clamp(seq_log_ratio, log ratio_min, log ratio_max))           |
@@ -41,10 +42,10 @@ import torch
 
 from .bounds import error_bounds
 
-TRM_MODES = ("trm", "geo_mask", "seq_mis", "seq_tis", "token_tis", "token_mis", "none")
+TRM_MODES = ("trm", "trm_exact", "geo_mask", "seq_mis", "seq_tis", "token_tis", "token_mis", "none")
 """Correction modes implemented by :func:`compute_trust_region_mask`."""
 
-SEQUENCE_MASK_MODES = ("trm", "geo_mask", "seq_mis")
+SEQUENCE_MASK_MODES = ("trm", "trm_exact", "geo_mask", "seq_mis")
 """Modes whose weights are a 0/1 mask over whole sequences."""
 
 # Documented, tunable defaults (see README "Configuration" for the sources).
@@ -52,6 +53,7 @@ DEFAULT_DELTA_MAX = math.log(2.0)  # every token ratio within [1/2, 2]: the symm
 DEFAULT_DELTA_AVG = 0.01  # mean k3 per token; the value used by public k3 rejection presets
 DEFAULT_GEO_LOW = 0.99  # Geo-Mask band 1 +- 0.01 (the loose end of the 1 +- 0.001...0.01 range in the Geo-Mask notes)
 DEFAULT_GEO_HIGH = 1.01
+DEFAULT_DELTA_KL = 1e-4  # per-token KL(pi_roll || pi_theta); the talk's numerical example (δ = 1e-4)
 DEFAULT_RATIO_MAX = 2.0  # C = 2, the truncation used for TIS in the rollout/training-mismatch literature
 
 
@@ -77,6 +79,8 @@ class TrustRegionMaskOutput:
             are switched off are absent). Contains "nonfinite" in every mode but `none`, which rejects nothing. A
             sequence can fail several criteria.
         token_weight_sum: (B,) sum_t weights[i, t], for token-level weight statistics without gathering (B, T).
+        kl_tok_max: (B,) max_t kl_tok (only when `kl_tok` is given, else None).
+        kl_tok_sum: (B,) sum_t kl_tok (only when `kl_tok` is given, else None).
     """
 
     keep: torch.Tensor
@@ -92,6 +96,8 @@ class TrustRegionMaskOutput:
     finite: torch.Tensor
     rejected_by: dict[str, torch.Tensor] = field(default_factory=dict)
     token_weight_sum: torch.Tensor | None = None
+    kl_tok_max: torch.Tensor | None = None
+    kl_tok_sum: torch.Tensor | None = None
 
     def sequence_stats(self) -> dict[str, torch.Tensor]:
         """Every per-sequence (B,) quantity as float tensors, keyed by name: what the trainer gathers across
@@ -109,6 +115,9 @@ class TrustRegionMaskOutput:
             "finite": self.finite.float(),
             "token_weight_sum": self.token_weight_sum,
         }
+        if self.kl_tok_max is not None:
+            stats["kl_tok_max"] = self.kl_tok_max
+            stats["kl_tok_sum"] = self.kl_tok_sum
         for name, rejected in self.rejected_by.items():
             stats[f"rejected_by/{name}"] = rejected.float()
         return stats
@@ -130,6 +139,7 @@ def validate_thresholds(
     geo_high: float | None,
     ratio_min: float | None,
     ratio_max: float | None,
+    delta_kl: float | None = DEFAULT_DELTA_KL,
     name_prefix: str = "",
 ) -> None:
     """Raise ``ValueError`` naming the offending argument (with ``name_prefix``, e.g. ``"trm_"`` for config fields)
@@ -144,8 +154,11 @@ def validate_thresholds(
         ("geo_high", geo_high),
         ("ratio_min", ratio_min),
         ("ratio_max", ratio_max),
+        ("delta_kl", delta_kl),
     ]:
         _check_positive(name, value, p)
+    if mode == "trm_exact" and delta_kl is None:
+        raise ValueError(f"`{p}mode='trm_exact'` needs `{p}delta_kl` (the bound on max_t KL); it is None.")
     if mode == "trm" and delta_max is None and delta_avg is None:
         raise ValueError(
             f"`{p}mode='trm'` with both `{p}delta_max` and `{p}delta_avg` set to None rejects nothing. "
@@ -202,6 +215,8 @@ def compute_trust_region_mask(
     geo_high: float | None = DEFAULT_GEO_HIGH,
     ratio_min: float | None = None,
     ratio_max: float | None = DEFAULT_RATIO_MAX,
+    kl_tok: torch.Tensor | None = None,
+    delta_kl: float | None = DEFAULT_DELTA_KL,
     nonfinite: Literal["reject", "raise"] = "reject",
 ) -> TrustRegionMaskOutput:
     """Compute the per-sequence keep mask and per-token loss weights of one correction ``mode``.
@@ -215,6 +230,9 @@ def compute_trust_region_mask(
         delta_avg: `trm` threshold on D_avg = mean_t k3(rho_t); None switches the criterion off.
         geo_low, geo_high: `geo_mask` band on the geometric-mean ratio; None switches that side off.
         ratio_min, ratio_max: band on rho (token modes) or on the product ratio (sequence modes); None is off.
+        kl_tok: (B, T) per-token KL(pi_roll(.|c_t) || pi_theta(.|c_t)), e.g. from :func:`topk_token_kl`. Required by
+            `trm_exact`; in other modes it only adds the `kl_tok_*` statistics.
+        delta_kl: `trm_exact` threshold on max_t kl_tok.
         nonfinite: "reject" (default) rejects sequences with a non-finite log-prob at a valid position;
             "raise" raises ``ValueError`` instead.
 
@@ -229,10 +247,21 @@ def compute_trust_region_mask(
         geo_high=geo_high,
         ratio_min=ratio_min,
         ratio_max=ratio_max,
+        delta_kl=delta_kl,
     )
+    if mode == "trm_exact" and kl_tok is None:
+        raise ValueError(
+            "`mode='trm_exact'` needs `kl_tok`, the (B, T) per-token KL(pi_roll || pi_theta) computed from the "
+            "rollout's stored top-k (or full) log-probs, e.g. with `topk_token_kl`."
+        )
     if nonfinite not in ("reject", "raise"):
         raise ValueError(f"`nonfinite` must be 'reject' or 'raise', got {nonfinite!r}.")
     _check_inputs(per_token_logps, sampling_per_token_logps, completion_mask)
+    if kl_tok is not None and tuple(kl_tok.shape) != tuple(completion_mask.shape):
+        raise ValueError(
+            f"Mismatched shapes: `kl_tok` is {tuple(kl_tok.shape)} but `completion_mask` is "
+            f"{tuple(completion_mask.shape)}; pass one KL value per completion token."
+        )
 
     dtype = (
         torch.float64 if torch.float64 in (per_token_logps.dtype, sampling_per_token_logps.dtype) else torch.float32
@@ -241,6 +270,9 @@ def compute_trust_region_mask(
         log_ratio = per_token_logps.detach().to(dtype) - sampling_per_token_logps.detach().to(dtype)  # (B, T)
         mask = completion_mask.bool()  # (B, T)
         token_finite = torch.isfinite(log_ratio)  # (B, T)
+        if kl_tok is not None:
+            kl = kl_tok.detach().to(dtype)  # (B, T)
+            token_finite = token_finite & torch.isfinite(kl)
         finite = (token_finite | ~mask).all(dim=-1)  # (B,)
         if nonfinite == "raise" and not bool(finite.all()):
             bad = (~finite).nonzero().flatten().tolist()
@@ -262,11 +294,21 @@ def compute_trust_region_mask(
         k3_max = k3.amax(dim=-1) if k3.size(-1) > 0 else k3.new_zeros(k3.size(0))  # (B,), k3 >= 0 and 0 off-mask
         k1_mean = -log_geo  # (B,)
 
+        kl_tok_max = kl_tok_sum = None
+        if kl_tok is not None:
+            kl_valid = torch.where(valid, kl, 0.0)  # (B, T)
+            kl_tok_max = kl_valid.amax(dim=-1) if kl.size(-1) > 0 else kl.new_zeros(kl.size(0))  # (B,)
+            kl_tok_sum = kl_valid.sum(dim=-1)  # (B,)
+
         rejected_by: dict[str, torch.Tensor] = {"nonfinite": ~finite}
         weights = None
         if mode == "trm":
             if delta_max is not None:
                 rejected_by["delta_max"] = log_ratio_abs_max > delta_max
+            if delta_avg is not None:
+                rejected_by["delta_avg"] = k3_mean > delta_avg
+        elif mode == "trm_exact":
+            rejected_by["delta_kl"] = kl_tok_max > delta_kl
             if delta_avg is not None:
                 rejected_by["delta_avg"] = k3_mean > delta_avg
         elif mode == "geo_mask":
@@ -318,7 +360,57 @@ def compute_trust_region_mask(
         finite=finite,
         rejected_by=rejected_by,
         token_weight_sum=weights.sum(dim=-1),
+        kl_tok_max=kl_tok_max,
+        kl_tok_sum=kl_tok_sum,
     )
+
+
+def topk_token_kl(
+    rollout_topk_logprobs: torch.Tensor,
+    theta_topk_logprobs: torch.Tensor,
+    topk_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-token KL(pi_roll(.|c_t) || pi_theta(.|c_t)) from the rollout's top-k log-probs plus one "rest" bucket.
+
+    The k stored ids (distinct within a position; the rollout's top-k, possibly plus the sampled token) are kept as
+    outcomes and the remaining vocabulary is merged into one bucket holding the remaining mass of each distribution.
+    By the data-processing inequality this is a **lower bound** of the exact KL, and it is exact when the ids cover
+    the vocabulary (or the rest mass of pi_roll is 0). Memory is O(B·T·k): no (B, T, V) tensor is needed.
+
+    Args:
+        rollout_topk_logprobs: (B, T, k) log pi_roll at the stored ids.
+        theta_topk_logprobs: (B, T, k) log pi_theta at the same ids (from the training forward).
+        topk_mask: (B, T, k) bool, False for unused slots (a rollout that returned fewer than k entries).
+
+    Returns:
+        (B, T) float32 (float64 for float64 inputs), >= 0. Where pi_theta's rest mass is below rounding level but
+        pi_roll's is not, the rest term uses that rounding level (a large, finite value) instead of +inf.
+    """
+    if rollout_topk_logprobs.shape != theta_topk_logprobs.shape or rollout_topk_logprobs.dim() != 3:
+        raise ValueError(
+            f"Mismatched shapes: rollout top-k log-probs {tuple(rollout_topk_logprobs.shape)} and pi_theta log-probs "
+            f"{tuple(theta_topk_logprobs.shape)} must both be (B, T, k) over the same ids."
+        )
+    dtype = (
+        torch.float64 if torch.float64 in (rollout_topk_logprobs.dtype, theta_topk_logprobs.dtype) else torch.float32
+    )
+    with torch.no_grad():
+        log_p = rollout_topk_logprobs.detach().to(dtype)  # (B, T, k)
+        log_q = theta_topk_logprobs.detach().to(dtype)  # (B, T, k)
+        if topk_mask is not None:
+            log_p = torch.where(topk_mask, log_p, -math.inf)
+            log_q = torch.where(topk_mask, log_q, -math.inf)
+        p, q = log_p.exp(), log_q.exp()  # (B, T, k)
+        # sum_v p (log p - log q) over stored ids; xlogy-style: a slot with p = 0 contributes 0
+        head = torch.where(p > 0, p * (log_p - log_q), 0.0).sum(dim=-1)  # (B, T)
+        # Rest masses within the rounding error of a k-term sum are zero (with k = V, 1 - sum p is +-1e-16, and a
+        # positive p_rest against a clamped q_rest = 0 would read as an infinite KL).
+        eps = torch.finfo(dtype).eps * max(log_p.size(-1), 1)
+        p_rest = 1.0 - p.sum(dim=-1)  # (B, T)
+        p_rest = torch.where(p_rest > eps, p_rest, 0.0)
+        q_rest = (1.0 - q.sum(dim=-1)).clamp(min=eps)  # (B, T)
+        rest = torch.xlogy(p_rest, p_rest) - torch.xlogy(p_rest, q_rest)  # (B, T), 0 when p_rest = 0
+        return (head + rest).clamp(min=0.0)
 
 
 def _safe_mean(x: torch.Tensor) -> float:
@@ -334,17 +426,24 @@ def _safe_max(x: torch.Tensor) -> float:
 
 
 def _bound_estimates(s: dict[str, torch.Tensor], prefix: str) -> dict[str, float]:
-    """Error bounds (talk §2.5-2.6) for the accepted sequences, from sample-based k3 estimates: T is the longest
-    accepted completion, D_KL^tok,max is estimated by the largest k3(rho_t) over accepted tokens and D_KL^seq by
-    the mean over accepted sequences of sum_t k3(rho_t). They are estimates, not certificates (hence the names)."""
-    keys = ("length", "kl_tok_max_estimate", "kl_seq_estimate", "trpo_estimate", "pinsker_marginal_estimate")
-    keys += ("mixed_estimate",)
+    """Error bounds (talk §2.5-2.6) for the accepted sequences. T is the longest accepted completion. With per-token
+    KLs from stored rollout log-probs (`trm_exact`), D_KL^tok,max is their largest value over accepted tokens and
+    D_KL^seq the mean over accepted sequences of sum_t KL_t (the KL chain rule); the keys then carry no suffix.
+    Otherwise both come from sample-based k3(rho_t) and every key ends in `_estimate`: estimates, not certificates."""
+    exact = "kl_tok_max" in s
+    suffix = "" if exact else "_estimate"
+    keys = ("kl_tok_max", "kl_seq", "trpo", "pinsker_marginal", "mixed")
+    keys = ("length",) + tuple(k + suffix for k in keys)
     accepted = (s["keep"] > 0.5) & (s["finite"] > 0.5)
     if not bool(accepted.any()):
         return {f"{prefix}bound/{k}": float("nan") for k in keys}
     length = float(s["length"][accepted].max())
-    kl_tok_max = float(s["k3_max"][accepted].max())
-    kl_seq = float((s["k3_mean"] * s["num_finite"])[accepted].mean())
+    if exact:
+        kl_tok_max = float(s["kl_tok_max"][accepted].max())
+        kl_seq = float(s["kl_tok_sum"][accepted].mean())
+    else:
+        kl_tok_max = float(s["k3_max"][accepted].max())
+        kl_seq = float((s["k3_mean"] * s["num_finite"])[accepted].mean())
     bounds = error_bounds(length, kl_tok_max, kl_seq)
     values = (length, kl_tok_max, kl_seq, bounds["trpo"], bounds["pinsker_marginal"], bounds["mixed"])
     return {f"{prefix}bound/{k}": float(v) for k, v in zip(keys, values, strict=True)}
@@ -380,6 +479,11 @@ def summarize_mask_stats(stats: dict[str, torch.Tensor], prefix: str = "trm/") -
     }
     for key in sorted(k for k in s if k.startswith("rejected_by/")):
         out[f"{prefix}reject_rate/{key.split('/', 1)[1]}"] = _safe_mean(s[key])
+    if "kl_tok_max" in s:  # per-token KL from stored rollout log-probs (a lower bound when computed from top-k)
+        out[f"{prefix}kl_tok_max/mean"] = _safe_mean(s["kl_tok_max"])
+        out[f"{prefix}kl_tok_max/max"] = _safe_max(s["kl_tok_max"])
+        out[f"{prefix}kl_tok_mean/mean"] = _safe_mean(s["kl_tok_sum"] / n_fin.clamp(min=1))
+        out[f"{prefix}kl_tok_mean/max"] = _safe_max(s["kl_tok_sum"] / n_fin.clamp(min=1))
     out.update(_bound_estimates(s, prefix))
     # Accept rate by completion-length quartile (q1 = shortest quarter): the length-bias diagnostic.
     if length.numel() > 0:
