@@ -61,7 +61,8 @@ def main():
     if trainer.accelerator.is_main_process:
         with open(out_json, "w") as f:
             json.dump({"world": trainer.accelerator.num_processes, "log": trainer.state.log_history[0]}, f)
-    if dist.is_initialized():
+    if dist.is_initialized():  # without a clean teardown rank 0 aborts or hangs at interpreter exit
+        dist.barrier()
         dist.destroy_process_group()
 
 
