@@ -29,8 +29,8 @@ test-slow: $(BIN)/trl-trm
 test-all: test test-slow
 
 lint: $(BIN)/trl-trm
-	$(BIN)/ruff check trl_trm tests
-	$(BIN)/ruff format --check trl_trm tests
+	$(BIN)/ruff check trl_trm tests benchmarks
+	$(BIN)/ruff format --check trl_trm tests benchmarks
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache
