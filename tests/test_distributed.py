@@ -28,6 +28,7 @@ def _run(nproc: int, model_dir: str, out: Path) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.distributed
 def test_two_processes_match_one_process(tiny_model_dir, tmp_path):
     one = _run(1, tiny_model_dir, tmp_path / "one.json")
     two = _run(2, tiny_model_dir, tmp_path / "two.json")
