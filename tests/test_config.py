@@ -16,7 +16,10 @@ def _config(tmp_path, **overrides):
     ("overrides", "match"),
     [
         ({"trm_mode": "tmr"}, r"Unknown `trm_mode` 'tmr'"),
-        ({"trm_mode": "trm_exact"}, r"not available in TRMTrainer yet"),
+        ({"trm_mode": "trm_exact"}, r"needs `trm_rollout_topk >= 1`"),
+        ({"trm_rollout_topk": -1}, r"`trm_rollout_topk` must be an integer >= 0"),
+        ({"trm_mode": "trm_exact", "trm_rollout_topk": 5, "trm_delta_kl": 0.0}, r"`trm_delta_kl` must be a positive"),
+        ({"trm_mode": "trm_exact", "trm_rollout_topk": 5, "trm_delta_kl": None}, r"needs `trm_delta_kl`"),
         ({"trm_delta_max": -0.1}, r"`trm_delta_max` must be a positive"),
         ({"trm_delta_avg": float("nan")}, r"`trm_delta_avg` must be a positive"),
         ({"trm_delta_max": None, "trm_delta_avg": None}, r"rejects nothing"),
@@ -32,6 +35,12 @@ def _config(tmp_path, **overrides):
 def test_invalid_config_names_the_field(tmp_path, overrides, match):
     with pytest.raises(ValueError, match=match):
         _config(tmp_path, **overrides)
+
+
+def test_trm_exact_is_available_with_a_top_k(tmp_path):
+    config = _config(tmp_path, trm_mode="trm_exact", trm_rollout_topk=20)
+    assert (config.trm_mode, config.trm_rollout_topk, config.trm_delta_kl) == ("trm_exact", 20, 1e-4)
+    assert _config(tmp_path).trm_rollout_topk == 0  # no top-k capture by default
 
 
 def test_defaults_apply_exactly_one_correction(tmp_path):

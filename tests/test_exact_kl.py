@@ -141,3 +141,18 @@ def test_sequences_accepted_with_full_vocabulary_kl_are_inside_the_trust_region(
     kept_max = kl.max(dim=-1).values[out.keep]
     assert bool((kept_max <= delta).all())
     assert bool((kl.max(dim=-1).values[~out.keep] > delta).all())  # and exactly those are rejected
+
+
+def test_lower_bound_kls_are_named_so():
+    """From a top-k with k < V the per-token KLs are lower bounds: their metrics (and the bounds computed from them)
+    end in `_lb`; with k >= V they carry no suffix."""
+    logp = torch.full((2, 3), -1.0)
+    kl = torch.tensor([[1e-5, 2e-5, 3e-5], [4e-5, 5e-5, 6e-5]])
+    out = compute_trust_region_mask(logp, logp, torch.ones(2, 3), mode="trm_exact", kl_tok=kl, delta_avg=None)
+    exact = summarize_mask_stats(out.sequence_stats())
+    lower = summarize_mask_stats(out.sequence_stats(), kl_tok_lower_bound=True)
+    assert lower["trm/kl_tok_max_lb/max"] == exact["trm/kl_tok_max/max"] == pytest.approx(6e-5)
+    assert lower["trm/bound/trpo_lb"] == exact["trm/bound/trpo"] == pytest.approx(3 * 2 * 6e-5)
+    assert not any(k.startswith(("trm/kl_tok_max/", "trm/kl_tok_mean/")) for k in lower)
+    assert "trm/bound/trpo" not in lower and "trm/bound/length" in lower  # the length is exact either way
+    assert not any(k.endswith("_lb") or "_lb/" in k for k in exact)

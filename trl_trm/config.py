@@ -8,6 +8,7 @@ from trl import GRPOConfig
 
 from .masking import (
     DEFAULT_DELTA_AVG,
+    DEFAULT_DELTA_KL,
     DEFAULT_DELTA_MAX,
     DEFAULT_GEO_HIGH,
     DEFAULT_GEO_LOW,
@@ -17,8 +18,8 @@ from .masking import (
 )
 
 MASK_POLICIES = ("current", "generation")
-# `trm_exact` needs per-position top-k rollout log-probs, which the trainer does not capture yet.
-TRAINER_MODES = tuple(m for m in TRM_MODES if m != "trm_exact")
+# Every masking mode is available in the trainer (`trm_exact` needs `trm_rollout_topk >= 1`).
+TRAINER_MODES = TRM_MODES
 
 
 @dataclass
@@ -33,14 +34,26 @@ class TRMConfig(GRPOConfig):
 
     Parameters:
         trm_mode (`str`, defaults to `"trm"`):
-            Correction: `"trm"`, `"geo_mask"`, `"seq_mis"`, `"seq_tis"`, `"token_tis"`, `"token_mis"` or `"none"`.
-            (`"trm_exact"` exists in `trl_trm.masking` but not yet in the trainer: it needs top-k rollout log-probs.)
+            Correction: `"trm"`, `"trm_exact"`, `"geo_mask"`, `"seq_mis"`, `"seq_tis"`, `"token_tis"`, `"token_mis"`
+            or `"none"`. `"trm_exact"` rejects a sequence when max_t KL(π_roll(·|c_t) ‖ π_θ(·|c_t)) exceeds
+            `trm_delta_kl` (and, if `trm_delta_avg` is set, when the mean k3 exceeds it); it needs
+            `trm_rollout_topk >= 1`. See `docs/trm-exact.md`.
         trm_delta_max (`float` or `None`, defaults to `log(2) ≈ 0.693`):
             `trm`: reject a sequence when max_t |log ρ_t| exceeds it (every token ratio must lie in
             [e^-δ, e^δ] = [1/2, 2]). `None` switches the criterion off.
         trm_delta_avg (`float` or `None`, defaults to `0.01`):
-            `trm`: reject when the mean per-token k3 = ρ - 1 - log ρ exceeds it (public k3 rejection presets use
-            0.01). `None` switches the criterion off.
+            `trm` and `trm_exact`: reject when the mean per-token k3 = ρ - 1 - log ρ exceeds it (public k3 rejection
+            presets use 0.01). `None` switches the criterion off.
+        trm_delta_kl (`float`, defaults to `1e-4`):
+            `trm_exact`: reject a sequence when max_t KL(π_roll(·|c_t) ‖ π_θ(·|c_t)) exceeds it (the talk's
+            numerical example uses δ = 1e-4). With k < V the KL is computed from the rollout's top-k plus a "rest"
+            bucket: a lower bound of the exact value.
+        trm_rollout_topk (`int`, defaults to `0`):
+            k, the number of most probable tokens (log-probs and ids) the rollout engine reports per completion
+            position, carried through the batch (memory O(B·T·k)). Required (>= 1) by `trm_exact`; in other modes a
+            k >= 1 adds the per-token KL metrics (`trm/kl_tok_*`). vLLM needs `--max-logprobs >= k` (server) or
+            `max_logprobs >= k` (colocate, vLLM's default is 20); a `rollout_func` returns `topk_logprobs` and
+            `topk_token_ids`. Exact (not a lower bound) when k >= the vocabulary size.
         trm_geo_low / trm_geo_high (`float` or `None`, defaults to `0.99` / `1.01`):
             `geo_mask`: keep when the geometric-mean ratio lies in [low, high] (Geo-Mask notes: 1 ± 0.001…0.01).
         trm_ratio_min / trm_ratio_max (`float` or `None`, defaults to `None` / `2.0`):
@@ -60,6 +73,11 @@ class TRMConfig(GRPOConfig):
         trm_adapt_min_scale / trm_adapt_max_scale (`float`, defaults to `0.1` / `10.0`):
             Limits on the thresholds relative to their configured values: the trust region is never widened beyond
             `max_scale` × the configured δ.
+        trm_accept_rate_floor (`float` or `None`, defaults to `0.5`) / trm_accept_rate_patience (`int`, defaults to `3`):
+            [`TRMStatsCallback`] warns once when `trm/accept_rate` stays below the floor for `patience` consecutive
+            logs: the thresholds are too tight for the rollout engine, or the engines have drifted apart.
+        trm_plot (`bool`, defaults to `True`):
+            Save `OUTPUT_DIR/trm_stats.png` (reward and `trm/` metrics over steps) at the end of training.
         trm_nonfinite (`str`, defaults to `"reject"`):
             A sequence with a NaN/inf log-prob cannot be certified: `"reject"` rejects it (counted in
             `trm/nonfinite_frac`), `"raise"` stops training with an error.
@@ -81,6 +99,21 @@ class TRMConfig(GRPOConfig):
         metadata={
             "help": "TRM average criterion: reject when mean_t k3(rho_t) > trm_delta_avg. Default 0.01 (public k3 "
             "rejection presets). None switches it off."
+        },
+    )
+    trm_delta_kl: float = field(
+        default=DEFAULT_DELTA_KL,
+        metadata={
+            "help": "trm_exact: reject a sequence when max_t KL(pi_roll || pi_theta) > trm_delta_kl. Default 1e-4 "
+            "(the TRM talk's numerical example). From a top-k (k < V) the KL is a lower bound."
+        },
+    )
+    trm_rollout_topk: int = field(
+        default=0,
+        metadata={
+            "help": "Number k of top log-probs (with token ids) the rollout engine reports per completion token, "
+            "carried through the batch (O(B*T*k) memory). Required (>= 1) by trm_mode='trm_exact'; in other modes it "
+            "adds the trm/kl_tok_* metrics. vLLM needs max_logprobs >= k (server: --max-logprobs)."
         },
     )
     trm_geo_low: float | None = field(
@@ -129,6 +162,20 @@ class TRMConfig(GRPOConfig):
     trm_adapt_max_scale: float = field(
         default=10.0, metadata={"help": "Adaptive thresholds: largest threshold, relative to the configured one."}
     )
+    trm_accept_rate_floor: float | None = field(
+        default=0.5,
+        metadata={
+            "help": "TRMStatsCallback warns once when trm/accept_rate stays below this for trm_accept_rate_patience "
+            "consecutive logs (thresholds too tight, or engines drifted). None disables the warning."
+        },
+    )
+    trm_accept_rate_patience: int = field(
+        default=3, metadata={"help": "Consecutive low-accept-rate logs before TRMStatsCallback warns."}
+    )
+    trm_plot: bool = field(
+        default=True,
+        metadata={"help": "Save OUTPUT_DIR/trm_stats.png (reward and trm/ metrics over steps) when training ends."},
+    )
     # TRL's own vLLM correction would stack on top of TRM: off by default here (GRPOConfig defaults it to True).
     vllm_importance_sampling_correction: bool = field(
         default=False,
@@ -140,12 +187,18 @@ class TRMConfig(GRPOConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.trm_mode == "trm_exact":
+        topk = self.trm_rollout_topk
+        if not isinstance(topk, int) or isinstance(topk, bool) or topk < 0:
             raise ValueError(
-                "`trm_mode='trm_exact'` is not available in TRMTrainer yet: it needs the rollout engine's top-k "
-                "log-probs at every position, which the trainer does not capture. Use `trm_mode='trm'`, or compute "
-                "exact-KL masks yourself with `trl_trm.masking.topk_token_kl` and "
-                "`compute_trust_region_mask(..., mode='trm_exact', kl_tok=...)`."
+                f"`trm_rollout_topk` must be an integer >= 0 (0 = no top-k capture), got {topk!r}. Use e.g. "
+                "`trm_rollout_topk=20`."
+            )
+        if self.trm_mode == "trm_exact" and topk < 1:
+            raise ValueError(
+                "`trm_mode='trm_exact'` needs `trm_rollout_topk >= 1`: the per-token KL is computed from the rollout "
+                "engine's top-k log-probs at every position, and `trm_rollout_topk=0` captures none. Set e.g. "
+                "`trm_rollout_topk=20` (vLLM: start the server with `--max-logprobs 20` or more), or use "
+                "`trm_mode='trm'`."
             )
         validate_thresholds(
             self.trm_mode,
@@ -155,6 +208,7 @@ class TRMConfig(GRPOConfig):
             geo_high=self.trm_geo_high,
             ratio_min=self.trm_ratio_min,
             ratio_max=self.trm_ratio_max,
+            delta_kl=self.trm_delta_kl,
             name_prefix="trm_",
         )
         if self.trm_mask_policy not in MASK_POLICIES:
@@ -175,6 +229,13 @@ class TRMConfig(GRPOConfig):
                     f"`trm_mode={self.trm_mode!r}` and `off_policy_mask_threshold` would apply two off-policy "
                     "corrections. Set `off_policy_mask_threshold=None`, or `trm_mode='none'`."
                 )
+        if self.trm_accept_rate_floor is not None and not 0.0 < self.trm_accept_rate_floor <= 1.0:
+            raise ValueError(
+                f"`trm_accept_rate_floor` must lie in (0, 1] (or be None to disable the warning), got "
+                f"{self.trm_accept_rate_floor}."
+            )
+        if self.trm_accept_rate_patience < 1:
+            raise ValueError(f"`trm_accept_rate_patience` must be >= 1, got {self.trm_accept_rate_patience}.")
         if self.trm_target_accept_rate is not None:
             if self.trm_mode != "trm":
                 raise ValueError(

@@ -203,6 +203,143 @@ def _check_inputs(per_token_logps, sampling_per_token_logps, completion_mask) ->
             raise TypeError(f"`{name}` must be a floating-point tensor of log-probabilities, got {t.dtype}.")
 
 
+# Row blocks of `compute_trust_region_mask` on CPU: about 2**17 elements (512 KiB of float32 per (rows, T) scratch
+# tensor), so a block's scratch tensors stay in a 2 MiB L2 cache between the ~12 elementwise passes and reductions,
+# and the temporaries are bounded by a block instead of the whole batch. Measured here (2 cores): 2**17 was the
+# fastest of 2**14 ... 2**18 at (256, 8192) and (512, 16384); smaller blocks pay more per-op overhead.
+_CPU_BLOCK_ELEMENTS = 1 << 17
+
+
+def _row_blocks(batch: int, length: int, device: torch.device) -> list[tuple[int, int]]:
+    """[start, stop) row ranges covering the batch. Every statistic is per row, so blocks are exact.
+
+    On CPU, blocks of about ``_CPU_BLOCK_ELEMENTS`` elements (at least 2 rows); on other devices one block (fewer
+    kernel launches; the accelerator's memory bandwidth is the bottleneck, not its cache). A batch of several rows is
+    never cut into a 1-row block: torch splits a single-row reduction across threads (another summation order), so
+    its sums would not be bit-identical to the same row reduced inside a larger batch.
+    """
+    if batch == 0:
+        return []
+    rows = batch if device.type != "cpu" else max(2, _CPU_BLOCK_ELEMENTS // max(length, 1))
+    starts = list(range(0, batch, rows))
+    if len(starts) > 1 and batch - starts[-1] == 1:
+        starts.pop()  # merge a trailing 1-row block into the previous one
+    return list(zip(starts, starts[1:] + [batch], strict=True))
+
+
+@dataclass
+class _BlockStats:
+    """Per-sequence outputs that the row blocks of `compute_trust_region_mask` write into, (B,) each."""
+
+    length: torch.Tensor  # long
+    num_finite: torch.Tensor  # long
+    seq_log_ratio: torch.Tensor  # sum_t log rho_t
+    log_ratio_abs_max: torch.Tensor  # max_t |log rho_t|
+    k3_sum: torch.Tensor  # sum_t k3(rho_t)
+    k3_max: torch.Tensor  # max_t k3(rho_t)
+    token_weight_sum: torch.Tensor  # sum_t weights[i, t]
+    kl_tok_max: torch.Tensor | None
+    kl_tok_sum: torch.Tensor | None
+
+    @classmethod
+    def empty(cls, batch: int, dtype: torch.dtype, device: torch.device, with_kl: bool) -> _BlockStats:
+        def new(kind: torch.dtype = dtype) -> torch.Tensor:
+            return torch.zeros(batch, dtype=kind, device=device)  # zeros: the max of an empty row (T = 0) is 0
+
+        kl_max, kl_sum = (new(), new()) if with_kl else (None, None)
+        return cls(new(torch.long), new(torch.long), new(), new(), new(), new(), new(), kl_max, kl_sum)
+
+
+def _weight_band(mode: str, ratio_min: float | None, ratio_max: float | None) -> tuple[float | None, float | None]:
+    """(lo, hi) log-space clamp of the weighting modes, as the reference formulas in the module docstring."""
+    if mode in ("seq_tis", "token_tis"):
+        return (-math.inf if ratio_min is None else math.log(ratio_min)), math.log(ratio_max)
+    if mode == "token_mis":
+        return (
+            None if ratio_min is None else math.log(ratio_min),
+            None if ratio_max is None else math.log(ratio_max),
+        )
+    return None, None
+
+
+def _fill_row_block(
+    theta: torch.Tensor,
+    roll: torch.Tensor,
+    completion_mask: torch.Tensor,
+    kl: torch.Tensor | None,
+    start: int,
+    stop: int,
+    stats: _BlockStats,
+    weights: torch.Tensor,
+    scratch: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    mode: str,
+    band: tuple[float | None, float | None],
+    check_finite: bool,
+) -> None:
+    """Statistics and pre-``keep`` weights of rows [start, stop) of `compute_trust_region_mask`, written in place.
+
+    ``check_finite=False`` assumes every valid log-prob (and ``kl``) is finite: the valid set is then the completion
+    mask. The caller detects rows where that was wrong (their sums are non-finite) and calls again with ``True``,
+    which excludes non-finite tokens exactly as the formulas say. Rejected rows' weights are zeroed by the caller.
+    """
+    n, length = stop - start, weights.size(1)
+    lr, work, pad = (s[:n] for s in scratch)  # (n, T) views of the scratch tensors
+    torch.eq(completion_mask[start:stop], 0, out=pad)  # (n, T) True on padding
+    theta_b, roll_b = theta[start:stop], roll[start:stop]
+    if torch.result_type(theta_b, roll_b) == lr.dtype:  # the subtraction runs in the working dtype
+        torch.sub(theta_b, roll_b, out=lr)
+    else:  # both inputs narrower (bf16/fp16): widen both first, as `.to(dtype)` would (`lr.sub_(roll_b)` would
+        lr.copy_(theta_b)  # allocate an (n, T) widened copy of roll_b; the scratch `work` is free at this point)
+        lr.sub_(work.copy_(roll_b))
+    s = slice(start, stop)
+    if length < 2**24:  # count in the float scratch: exact below 2**24, and no (n, T) int64 copy of a bool sum
+        torch.sum(torch.logical_not(pad, out=work), dim=-1, out=stats.k3_sum[s])  # k3_sum as (n,) scratch
+        stats.length[s].copy_(stats.k3_sum[s])  # T_i
+    else:
+        torch.sum(pad, dim=-1, out=stats.length[s])
+        stats.length[s].neg_().add_(length)  # T_i = T - padding
+    invalid = pad
+    if check_finite:
+        invalid = ~torch.isfinite(lr)  # (n, T)
+        if kl is not None:
+            work.copy_(kl[start:stop])  # kl in the working dtype: a float64 value can overflow float32
+            invalid |= ~torch.isfinite(work)
+        invalid |= pad
+        torch.sum(invalid, dim=-1, out=stats.num_finite[s])
+        stats.num_finite[s].neg_().add_(length)
+    else:
+        stats.num_finite[s].copy_(stats.length[s])
+    lr.masked_fill_(invalid, 0.0)  # exact zeros off the valid set
+
+    torch.sum(lr, dim=-1, out=stats.seq_log_ratio[s])
+    if length > 0:  # the max of an empty row stays 0
+        torch.amax(torch.abs(lr, out=work), dim=-1, out=stats.log_ratio_abs_max[s])
+    torch.expm1(lr, out=work).sub_(lr)  # (n, T) k3, exactly 0 where lr == 0
+    torch.sum(work, dim=-1, out=stats.k3_sum[s])
+    if length > 0:
+        torch.amax(work, dim=-1, out=stats.k3_max[s])
+    if kl is not None:
+        work.copy_(kl[start:stop]).masked_fill_(invalid, 0.0)  # (n, T)
+        torch.sum(work, dim=-1, out=stats.kl_tok_sum[s])
+        if length > 0:
+            torch.amax(work, dim=-1, out=stats.kl_tok_max[s])
+
+    w = weights[start:stop]  # (n, T) slice of the returned weights
+    lo, hi = band
+    if mode == "token_tis":
+        torch.clamp(lr, min=lo, max=hi, out=w).exp_()  # rho_t truncated to the band
+    elif mode == "token_mis":
+        torch.eq(torch.clamp(lr, min=lo, max=hi, out=w), lr, out=w)  # 1 inside the band [lo, hi], else 0
+    elif mode == "seq_tis":
+        seq_w = torch.exp(stats.seq_log_ratio[s].clamp(min=lo, max=hi))  # (n,)
+        w.copy_(seq_w.unsqueeze(-1).expand(n, length))
+    if mode in ("token_tis", "token_mis", "seq_tis"):
+        w.masked_fill_(pad, 0.0)
+    else:  # sequence masks and `none`: the completion mask, zeroed afterwards on rejected rows
+        torch.logical_not(pad, out=w)
+    torch.sum(w, dim=-1, out=stats.token_weight_sum[s])
+
+
 def compute_trust_region_mask(
     per_token_logps: torch.Tensor,
     sampling_per_token_logps: torch.Tensor,
@@ -266,49 +403,65 @@ def compute_trust_region_mask(
     dtype = (
         torch.float64 if torch.float64 in (per_token_logps.dtype, sampling_per_token_logps.dtype) else torch.float32
     )
+    batch, length_t = completion_mask.shape
+    device = per_token_logps.device
     with torch.no_grad():
-        log_ratio = per_token_logps.detach().to(dtype) - sampling_per_token_logps.detach().to(dtype)  # (B, T)
-        mask = completion_mask.bool()  # (B, T)
-        token_finite = torch.isfinite(log_ratio)  # (B, T)
-        if kl_tok is not None:
-            kl = kl_tok.detach().to(dtype)  # (B, T)
-            token_finite = token_finite & torch.isfinite(kl)
-        finite = (token_finite | ~mask).all(dim=-1)  # (B,)
+        theta = per_token_logps.detach()  # (B, T)
+        roll = sampling_per_token_logps.detach()  # (B, T)
+        kl = None if kl_tok is None else kl_tok.detach()  # (B, T)
+        blocks = _row_blocks(batch, length_t, device)
+        rows = max((stop - start for start, stop in blocks), default=0)
+        stats = _BlockStats.empty(batch, dtype, device, with_kl=kl is not None)
+        weights = torch.empty(batch, length_t, dtype=dtype, device=device)  # (B, T), returned
+        scratch = (
+            torch.empty(rows, length_t, dtype=dtype, device=device),  # (rows, T) log-ratios
+            torch.empty(rows, length_t, dtype=dtype, device=device),  # (rows, T) k3, |log rho|, kl_tok
+            torch.empty(rows, length_t, dtype=torch.bool, device=device),  # (rows, T) padding
+        )
+        band = _weight_band(mode, ratio_min, ratio_max)
+
+        def fill(start: int, stop: int, check_finite: bool) -> None:
+            _fill_row_block(
+                theta, roll, completion_mask, kl, start, stop, stats, weights, scratch, mode, band, check_finite
+            )
+
+        # Fast pass: assumes every valid log-prob (and kl_tok) is finite, so the valid set is the completion mask.
+        for start, stop in blocks:
+            fill(start, stop, check_finite=False)
+        # A non-finite value at a valid position makes its row's sum non-finite: recompute those row blocks with the
+        # per-token finiteness check (rare; a finite row that merely overflowed is recomputed too, harmlessly).
+        row_sums = stats.seq_log_ratio if kl is None else stats.seq_log_ratio + stats.kl_tok_sum  # (B,)
+        bad_rows = (~torch.isfinite(row_sums)).nonzero().flatten().tolist()
+        if bad_rows:
+            bad_rows = set(bad_rows)
+            for start, stop in blocks:
+                if any(start <= i < stop for i in bad_rows):
+                    fill(start, stop, check_finite=True)
+
+        length = stats.length
+        num_finite = stats.num_finite
+        finite = num_finite == length  # (B,) every valid position finite
         if nonfinite == "raise" and not bool(finite.all()):
             bad = (~finite).nonzero().flatten().tolist()
             raise ValueError(
                 f"Non-finite log-probs at valid completion positions in sequences {bad[:10]}: the rollout engine or "
                 "the training forward returned NaN/inf. Use `nonfinite='reject'` to reject such sequences instead."
             )
-        valid = mask & token_finite  # (B, T)
-        lr = torch.where(valid, log_ratio, 0.0)  # (B, T), exact zeros off the valid set
-        length = mask.sum(dim=-1)  # (B,)
-        num_finite = valid.sum(dim=-1)  # (B,)
         n_finite = num_finite.clamp(min=1).to(dtype)  # (B,) safe denominator
-
-        seq_log_ratio = lr.sum(dim=-1)  # (B,)
+        seq_log_ratio = stats.seq_log_ratio  # (B,)
         log_geo = seq_log_ratio / n_finite  # (B,)
-        log_ratio_abs_max = lr.abs().amax(dim=-1) if lr.size(-1) > 0 else lr.new_zeros(lr.size(0))  # (B,)
-        k3 = torch.expm1(lr) - lr  # (B, T), exactly 0 where lr == 0 (padding)
-        k3_mean = k3.sum(dim=-1) / n_finite  # (B,)
-        k3_max = k3.amax(dim=-1) if k3.size(-1) > 0 else k3.new_zeros(k3.size(0))  # (B,), k3 >= 0 and 0 off-mask
+        log_ratio_abs_max = stats.log_ratio_abs_max  # (B,)
+        k3_mean = stats.k3_sum / n_finite  # (B,)
         k1_mean = -log_geo  # (B,)
 
-        kl_tok_max = kl_tok_sum = None
-        if kl_tok is not None:
-            kl_valid = torch.where(valid, kl, 0.0)  # (B, T)
-            kl_tok_max = kl_valid.amax(dim=-1) if kl.size(-1) > 0 else kl.new_zeros(kl.size(0))  # (B,)
-            kl_tok_sum = kl_valid.sum(dim=-1)  # (B,)
-
         rejected_by: dict[str, torch.Tensor] = {"nonfinite": ~finite}
-        weights = None
         if mode == "trm":
             if delta_max is not None:
                 rejected_by["delta_max"] = log_ratio_abs_max > delta_max
             if delta_avg is not None:
                 rejected_by["delta_avg"] = k3_mean > delta_avg
         elif mode == "trm_exact":
-            rejected_by["delta_kl"] = kl_tok_max > delta_kl
+            rejected_by["delta_kl"] = stats.kl_tok_max > delta_kl
             if delta_avg is not None:
                 rejected_by["delta_avg"] = k3_mean > delta_avg
         elif mode == "geo_mask":
@@ -320,38 +473,23 @@ def compute_trust_region_mask(
             rejected_by["ratio_max"] = seq_log_ratio > math.log(ratio_max)
             if ratio_min is not None:
                 rejected_by["ratio_min"] = seq_log_ratio < math.log(ratio_min)
-        elif mode == "seq_tis":
-            lo = -math.inf if ratio_min is None else math.log(ratio_min)
-            seq_w = torch.exp(seq_log_ratio.clamp(min=lo, max=math.log(ratio_max)))  # (B,)
-            weights = seq_w.unsqueeze(-1).expand_as(lr)
-        elif mode == "token_tis":
-            lo = -math.inf if ratio_min is None else math.log(ratio_min)
-            weights = torch.exp(lr.clamp(min=lo, max=math.log(ratio_max)))  # (B, T)
-        elif mode == "token_mis":
-            inside = valid
-            if ratio_max is not None:
-                inside = inside & (lr <= math.log(ratio_max))
-            if ratio_min is not None:
-                inside = inside & (lr >= math.log(ratio_min))
-            weights = inside.to(dtype)  # (B, T)
 
         if mode == "none":  # diagnostics only: nothing is rejected, not even non-finite sequences
             rejected_by = {}
             keep = torch.ones_like(finite)
         else:
             keep = ~torch.stack(list(rejected_by.values())).any(dim=0)  # (B,)
-        token_keep = mask & keep.unsqueeze(-1)  # (B, T)
-        if weights is None:
-            weights = token_keep.to(dtype)
-        else:
-            weights = torch.where(token_keep, weights, 0.0)
+            rejected = (~keep).nonzero().flatten()  # rows whose weights the blocks wrote before `keep` was known
+            if rejected.numel() > 0:
+                weights.index_fill_(0, rejected, 0.0)
+                stats.token_weight_sum.index_fill_(0, rejected, 0.0)
 
     return TrustRegionMaskOutput(
         keep=keep,
         weights=weights,
         log_ratio_abs_max=log_ratio_abs_max,
         k3_mean=k3_mean,
-        k3_max=k3_max,
+        k3_max=stats.k3_max,
         k1_mean=k1_mean,
         geo_ratio=torch.exp(log_geo),
         seq_log_ratio=seq_log_ratio,
@@ -359,9 +497,9 @@ def compute_trust_region_mask(
         num_finite=num_finite,
         finite=finite,
         rejected_by=rejected_by,
-        token_weight_sum=weights.sum(dim=-1),
-        kl_tok_max=kl_tok_max,
-        kl_tok_sum=kl_tok_sum,
+        token_weight_sum=stats.token_weight_sum,
+        kl_tok_max=stats.kl_tok_max,
+        kl_tok_sum=stats.kl_tok_sum,
     )
 
 
@@ -384,33 +522,48 @@ def topk_token_kl(
 
     Returns:
         (B, T) float32 (float64 for float64 inputs), >= 0. Where pi_theta's rest mass is below rounding level but
-        pi_roll's is not, the rest term uses that rounding level (a large, finite value) instead of +inf.
+        pi_roll's is not, the rest term uses that rounding level (a large, finite value) instead of +inf. A NaN or
+        +inf log-prob in a used slot of either input makes that position's KL NaN (never a silently finite value), so
+        :func:`compute_trust_region_mask` rejects and counts the sequence as non-finite. A log-prob of -inf is a
+        legitimate zero probability (e.g. a token removed by top-k/top-p sampling).
     """
     if rollout_topk_logprobs.shape != theta_topk_logprobs.shape or rollout_topk_logprobs.dim() != 3:
         raise ValueError(
             f"Mismatched shapes: rollout top-k log-probs {tuple(rollout_topk_logprobs.shape)} and pi_theta log-probs "
             f"{tuple(theta_topk_logprobs.shape)} must both be (B, T, k) over the same ids."
         )
-    dtype = (
-        torch.float64 if torch.float64 in (rollout_topk_logprobs.dtype, theta_topk_logprobs.dtype) else torch.float32
-    )
+    in_dtypes = (rollout_topk_logprobs.dtype, theta_topk_logprobs.dtype)
+    out_dtype = torch.float64 if torch.float64 in in_dtypes else torch.float32
+    # Relative precision of the inputs (float32 log-probs: 1.2e-7). The arithmetic below runs in float64, so the only
+    # rounding that matters is the inputs' own.
+    rounding = max(torch.finfo(d).eps for d in in_dtypes)
     with torch.no_grad():
-        log_p = rollout_topk_logprobs.detach().to(dtype)  # (B, T, k)
-        log_q = theta_topk_logprobs.detach().to(dtype)  # (B, T, k)
+        log_p = rollout_topk_logprobs.detach().double()  # (B, T, k)
+        log_q = theta_topk_logprobs.detach().double()  # (B, T, k)
         if topk_mask is not None:
             log_p = torch.where(topk_mask, log_p, -math.inf)
             log_q = torch.where(topk_mask, log_q, -math.inf)
         p, q = log_p.exp(), log_q.exp()  # (B, T, k)
         # sum_v p (log p - log q) over stored ids; xlogy-style: a slot with p = 0 contributes 0
         head = torch.where(p > 0, p * (log_p - log_q), 0.0).sum(dim=-1)  # (B, T)
-        # Rest masses within the rounding error of a k-term sum are zero (with k = V, 1 - sum p is +-1e-16, and a
-        # positive p_rest against a clamped q_rest = 0 would read as an infinite KL).
-        eps = torch.finfo(dtype).eps * max(log_p.size(-1), 1)
+        # The rest masses 1 - sum p and 1 - sum q inherit the inputs' rounding: a stored log-prob is off by up to
+        # rounding * |log p| (plus its own rounding), i.e. p by a relative rounding * (1 + |log p|). Summed over the
+        # slots, that is how far off 1 - sum p can be (a float64 k-term sum adds k * 2.2e-16).
+        k = max(log_p.size(-1), 1)
+        eps64 = torch.finfo(torch.float64).eps * k
+        slack_p = rounding * torch.where(p > 0, p * (1.0 + log_p.abs()), 0.0).sum(dim=-1) + eps64  # (B, T)
+        slack_q = rounding * torch.where(q > 0, q * (1.0 + log_q.abs()), 0.0).sum(dim=-1) + eps64  # (B, T)
+        # A rest mass of pi_roll within that slack is zero (with k = V, 1 - sum p is rounding noise, and a positive
+        # p_rest against q_rest ~ 0 would read as a huge KL) ...
         p_rest = 1.0 - p.sum(dim=-1)  # (B, T)
-        p_rest = torch.where(p_rest > eps, p_rest, 0.0)
-        q_rest = (1.0 - q.sum(dim=-1)).clamp(min=eps)  # (B, T)
+        p_rest = torch.where(p_rest > slack_p, p_rest, 0.0)
+        # ... and pi_theta's gets the slack added: the rest term decreases in q_rest, so the result stays below the
+        # exact value (a lower bound) even when 1 - sum q has lost its low digits to cancellation.
+        q_rest = (1.0 - q.sum(dim=-1)).clamp(min=0.0) + slack_q  # (B, T)
         rest = torch.xlogy(p_rest, p_rest) - torch.xlogy(p_rest, q_rest)  # (B, T), 0 when p_rest = 0
-        return (head + rest).clamp(min=0.0)
+        # `p > 0` above is False for NaN, and NaN would vanish from the sums: flag such positions explicitly.
+        corrupt = (torch.isnan(log_p) | (log_p == math.inf) | torch.isnan(log_q) | (log_q == math.inf)).any(dim=-1)
+        return torch.where(corrupt, math.nan, (head + rest).clamp(min=0.0)).to(out_dtype)  # (B, T)
 
 
 def _safe_mean(x: torch.Tensor) -> float:
@@ -425,13 +578,15 @@ def _safe_max(x: torch.Tensor) -> float:
     return float(x.max()) if x.numel() > 0 else float("nan")
 
 
-def _bound_estimates(s: dict[str, torch.Tensor], prefix: str) -> dict[str, float]:
+def _bound_estimates(s: dict[str, torch.Tensor], prefix: str, kl_tok_lower_bound: bool = False) -> dict[str, float]:
     """Error bounds (talk §2.5-2.6) for the accepted sequences. T is the longest accepted completion. With per-token
     KLs from stored rollout log-probs (`trm_exact`), D_KL^tok,max is their largest value over accepted tokens and
-    D_KL^seq the mean over accepted sequences of sum_t KL_t (the KL chain rule); the keys then carry no suffix.
-    Otherwise both come from sample-based k3(rho_t) and every key ends in `_estimate`: estimates, not certificates."""
+    D_KL^seq the mean over accepted sequences of sum_t KL_t (the KL chain rule); the keys then carry no suffix, or
+    `_lb` when those KLs are lower bounds (top-k with k < V: every bound is increasing in both, so the values are
+    lower bounds of the bounds at the exact KLs). Otherwise both come from sample-based k3(rho_t) and every key ends
+    in `_estimate`: estimates, not certificates."""
     exact = "kl_tok_max" in s
-    suffix = "" if exact else "_estimate"
+    suffix = ("_lb" if kl_tok_lower_bound else "") if exact else "_estimate"
     keys = ("kl_tok_max", "kl_seq", "trpo", "pinsker_marginal", "mixed")
     keys = ("length",) + tuple(k + suffix for k in keys)
     accepted = (s["keep"] > 0.5) & (s["finite"] > 0.5)
@@ -449,8 +604,14 @@ def _bound_estimates(s: dict[str, torch.Tensor], prefix: str) -> dict[str, float
     return {f"{prefix}bound/{k}": float(v) for k, v in zip(keys, values, strict=True)}
 
 
-def summarize_mask_stats(stats: dict[str, torch.Tensor], prefix: str = "trm/") -> dict[str, float]:
+def summarize_mask_stats(
+    stats: dict[str, torch.Tensor], prefix: str = "trm/", kl_tok_lower_bound: bool = False
+) -> dict[str, float]:
     """Reduce (possibly gathered) per-sequence statistics to the documented ``trm/`` metrics.
+
+    ``kl_tok_lower_bound=True`` says the per-token KLs (if any) are lower bounds of the exact values (computed from a
+    top-k with k < V): their metrics and the bounds computed from them then end in ``_lb`` (``trm/kl_tok_max_lb/max``,
+    ``trm/bound/trpo_lb``, ...), so a reader sees which numbers are lower bounds.
 
     ``stats`` is :meth:`TrustRegionMaskOutput.sequence_stats` (after an all-gather in multi-process training), so
     every metric is a statistic of the global batch, not a mean of per-rank means. Empty completions (length 0, e.g.
@@ -480,11 +641,12 @@ def summarize_mask_stats(stats: dict[str, torch.Tensor], prefix: str = "trm/") -
     for key in sorted(k for k in s if k.startswith("rejected_by/")):
         out[f"{prefix}reject_rate/{key.split('/', 1)[1]}"] = _safe_mean(s[key])
     if "kl_tok_max" in s:  # per-token KL from stored rollout log-probs (a lower bound when computed from top-k)
-        out[f"{prefix}kl_tok_max/mean"] = _safe_mean(s["kl_tok_max"])
-        out[f"{prefix}kl_tok_max/max"] = _safe_max(s["kl_tok_max"])
-        out[f"{prefix}kl_tok_mean/mean"] = _safe_mean(s["kl_tok_sum"] / n_fin.clamp(min=1))
-        out[f"{prefix}kl_tok_mean/max"] = _safe_max(s["kl_tok_sum"] / n_fin.clamp(min=1))
-    out.update(_bound_estimates(s, prefix))
+        lb = "_lb" if kl_tok_lower_bound else ""
+        out[f"{prefix}kl_tok_max{lb}/mean"] = _safe_mean(s["kl_tok_max"])
+        out[f"{prefix}kl_tok_max{lb}/max"] = _safe_max(s["kl_tok_max"])
+        out[f"{prefix}kl_tok_mean{lb}/mean"] = _safe_mean(s["kl_tok_sum"] / n_fin.clamp(min=1))
+        out[f"{prefix}kl_tok_mean{lb}/max"] = _safe_max(s["kl_tok_sum"] / n_fin.clamp(min=1))
+    out.update(_bound_estimates(s, prefix, kl_tok_lower_bound))
     # Accept rate by completion-length quartile (q1 = shortest quarter): the length-bias diagnostic.
     if length.numel() > 0:
         edges = torch.quantile(length, torch.tensor([0.25, 0.5, 0.75], dtype=length.dtype, device=length.device))

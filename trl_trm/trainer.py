@@ -20,10 +20,22 @@ The trainer is thin: the math lives in :mod:`trl_trm.masking`. It overrides four
 
 A seam TRL does not offer: a per-token loss-weight hook inside `_compute_loss`. TRL multiplies the loss by
 `importance_sampling_ratio` only on the vLLM path; scaling the advantages is the narrowest equivalent.
+
+`trm_exact` / `trm_rollout_topk = k` (details in :mod:`trl_trm.topk` and `docs/trm-exact.md`): the rollout's top-k
+log-probs and ids are captured on every path (`_generate_single_turn`: transformers `generate` scores, or vLLM asked
+for `logprobs=k` through `VLLMGeneration.logprobs`, whose sampled-token log-prob is then matched by id; `_generate`:
+a `rollout_func`'s `topk_logprobs`/`topk_token_ids`), padded in `_generate_and_score_completions` into (B, T, k)
+`trm_topk_*` tensors (TRL's `shuffle_sequence_dict`/`split_tensor_dict` index every tensor by row, so they stay
+aligned). π_θ at those ids comes from the training forward itself: TRL's fused LM head never materialises the
+(B, T, V) logits and returns only the sampled token's log-prob, so `_get_per_token_logps_and_entropies` wraps its
+per-chunk helper `trl.trainer.utils._ChunkedLogProbFunction` for the call (:class:`~trl_trm.topk.FusedHeadCapture`)
+and computes, without gradient and from the same hidden states, log-softmax at the k + 1 ids in row chunks. No
+second forward pass; the mask is computed without gradient anyway.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from typing import Any
@@ -32,9 +44,23 @@ import torch
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOConfig, GRPOTrainer
 
+from .callbacks import TRMStatsCallback
 from .config import TRMConfig
+from .distributed import shutdown_distributed
+from .hub import append_trm_section, hub_errors
 from .masking import TrustRegionMaskOutput, compute_trust_region_mask, summarize_mask_stats
 from .rollout import record_sampling_logprobs
+from .topk import (
+    BATCH_KEYS,
+    FusedHeadCapture,
+    from_padded,
+    from_rollout_func,
+    from_vllm,
+    ids_with_sampled,
+    pad_topk,
+    rollout_topk_kl,
+)
+from .vllm_checks import vllm_engine_problems
 
 
 class TRMTrainer(GRPOTrainer):
@@ -67,24 +93,133 @@ class TRMTrainer(GRPOTrainer):
         self._trm_capture = not self.use_vllm and self.rollout_func is None
         self._trm_loss_inputs: dict[str, Any] | None = None
         self._trm_warned_no_logprobs = False
+        # `trm_rollout_topk`: per-sequence rollout top-k from the last generation turn, then for the batch being built.
+        self._trm_topk = args.trm_rollout_topk
+        self._trm_topk_stash = self._trm_pending_topk = None
+        self._trm_head_vocab: int | None = None  # the LM head's vocabulary size, seen by the first top-k capture
+        if self._trm_topk > 0:
+            self._trm_topk_setup()
+        self._trm_check_vllm()  # vLLM must report processed log-probs, and enough of them (docs/vllm.md)
         # Adaptive thresholds (off by default): global accept counts of the current optimizer step.
         self._trm_adaptive = args.make_adaptive_thresholds() if args.trm_target_accept_rate is not None else None
         self._trm_step_accept = [0.0, 0.0]  # kept, counted
+        # Masking statistics to OUTPUT_DIR/trm_stats.jsonl + plot; removable with remove_callback(TRMStatsCallback).
+        self.add_callback(
+            TRMStatsCallback(args.trm_accept_rate_floor, args.trm_accept_rate_patience, plot=args.trm_plot)
+        )
+
+    # ------------------------------------------------------------------ vLLM start-up checks
+    def _trm_check_vllm(self) -> None:
+        """Check at start-up that vLLM will report the rollout log-probs TRM needs (see docs/vllm.md).
+
+        Only with `use_vllm=True` and no `rollout_func` (which would supply the log-probs itself). Three ways to get
+        wrong or missing log-probs silently or late, each turned into an error naming the fix (a warning with
+        `trm_mode="none"`, which only logs):
+
+        * `generation_kwargs["logprobs"]` overrides the number of log-probs TRL requests from vLLM (`0`, or
+          `trm_rollout_topk`); `None` means none at all, and TRL then fails at the first batch with a `TypeError`.
+        * The engine's `logprobs_mode` must be `processed_logprobs`: the log-probs of the distribution actually
+          sampled from (after temperature, top-k/top-p). Colocated engines get it from TRL; a server gets it from
+          `trl vllm-serve`, but a plain `vllm serve` defaults to `raw_logprobs`.
+        * The engine's `max_logprobs` (`-1` = unlimited) must be >= the number requested, else vLLM refuses every
+          request at the first batch.
+
+        A server's settings are read by the main process (`VLLMClient.get_server_info()`, the `/server_info`
+        endpoint that `VLLM_SERVER_DEV_MODE=1` exposes, which TRL's weight sync needs anyway) and the verdict is
+        broadcast, so every process stops with the same error instead of waiting in a collective.
+        """
+        if not self.use_vllm or self.rollout_func is not None:
+            return
+        from accelerate.utils import broadcast_object_list
+
+        requested = max(int(self.args.trm_rollout_topk or 0), int(getattr(self.vllm_generation, "logprobs", 0) or 0))
+        problems = []
+        generation_kwargs = self.args.generation_kwargs or {}
+        if "logprobs" in generation_kwargs and generation_kwargs["logprobs"] != requested:
+            problems.append(
+                f"`generation_kwargs['logprobs']={generation_kwargs['logprobs']!r}` overrides the {requested} top "
+                "log-probs TRMTrainer requests from vLLM (0 = the sampled token's only; `trm_rollout_topk` sets "
+                "more). Remove `logprobs` from `generation_kwargs`."
+            )
+        if self.vllm_mode == "server":
+            verdict = [None]
+            if self.accelerator.is_main_process:
+                model_config = self.vllm_generation.vllm_client.get_server_info().get("model_config") or {}
+                verdict = [vllm_engine_problems(model_config, requested, server=True)]
+            broadcast_object_list(verdict, from_process=0)
+            problems += verdict[0]
+        else:
+            model_config = self.vllm_generation.llm.llm_engine.model_config
+            problems += vllm_engine_problems(
+                {key: getattr(model_config, key, None) for key in ("logprobs_mode", "max_logprobs")},
+                requested,
+                server=False,
+            )
+        if not problems:
+            return
+        message = "vLLM will not report the rollout log-probs TRM needs:\n- " + "\n- ".join(problems)
+        if self.args.trm_mode == "none":
+            warnings.warn(message + "\nThe trm/ diagnostics would be wrong.", stacklevel=3)
+        else:
+            raise ValueError(message)
 
     # ------------------------------------------------------------------ rollout log-probs
+    def _trm_topk_setup(self) -> None:
+        """Checks and vLLM set-up for `trm_rollout_topk = k > 0`."""
+        k = self._trm_topk
+        if self.use_transformers_continuous_batching and self.rollout_func is None:
+            raise ValueError(
+                f"`trm_rollout_topk={k}` needs the rollout's top-k log-probs, which transformers continuous batching "
+                "does not report. Use vLLM, plain transformers generation, or a `rollout_func` returning "
+                "`topk_logprobs`/`topk_token_ids`."
+            )
+        if self.tools:
+            raise ValueError(
+                f"`trm_rollout_topk={k}` (trm_exact) does not support tool calling / `environment_factory` yet: "
+                "multi-turn completions interleave tool tokens with several generation turns. Use `trm_mode='trm'`."
+            )
+        if self.use_vllm and self.rollout_func is None:
+            # TRL builds VLLMGeneration with `logprobs=0` (sampled token only); its `generate` reads this attribute on
+            # every call (server and colocate), so vLLM then returns the sampled token plus the top-k.
+            self.vllm_generation.logprobs = k  # `_trm_check_vllm` then checks the engine's `max_logprobs` against it
+
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        turn = (prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
+        if self.use_vllm and self._trm_topk > 0:
+            return self._trm_vllm_topk_turn(turn)
         if not self._trm_capture or self.use_transformers_continuous_batching:
-            return super()._generate_single_turn(
-                prompt_ids, images, multimodal_fields, num_generations, has_tool_images
-            )
+            return super()._generate_single_turn(*turn)
         unwrapped = self.accelerator.unwrap_model(self.model_wrapped)
-        with record_sampling_logprobs(unwrapped) as recorder:
-            completion_ids, logprobs = super()._generate_single_turn(
-                prompt_ids, images, multimodal_fields, num_generations, has_tool_images
-            )
+        with record_sampling_logprobs(unwrapped, topk=self._trm_topk) as recorder:
+            completion_ids, logprobs = super()._generate_single_turn(*turn)
         if logprobs is None and recorder.logprobs is not None:
             logprobs = [recorder.logprobs[i, : len(ids)].tolist() for i, ids in enumerate(completion_ids)]
+        if recorder.topk_ids is not None:
+            lengths = [len(ids) for ids in completion_ids]
+            self._trm_topk_stash = from_padded(recorder.topk_logprobs, recorder.topk_ids, lengths, self._trm_topk)
         return completion_ids, logprobs
+
+    def _trm_vllm_topk_turn(self, turn: tuple):
+        """vLLM with `logprobs=k`: TRL keeps `lp[0]`, which is then the most probable token's log-prob, not the sampled
+        one's. Record what `VLLMGeneration.generate` returned and take the sampled token's log-prob by id."""
+        engine = self.vllm_generation
+        original, shadowed, returned = engine.generate, "generate" in vars(engine), []
+
+        def generate(*args, **kwargs):
+            returned.append(original(*args, **kwargs))
+            return returned[-1]
+
+        engine.generate = generate
+        try:
+            completion_ids, _ = super()._generate_single_turn(*turn)
+        finally:
+            if shadowed:
+                engine.generate = original
+            else:
+                del engine.generate
+        _, vllm_completion_ids, logprobs, logprob_token_ids = returned[-1]
+        sampled, self._trm_topk_stash = from_vllm(vllm_completion_ids, logprobs, logprob_token_ids, self._trm_topk)
+        return completion_ids, sampled
 
     def _generate(self, prompts: list):
         result = super()._generate(prompts)
@@ -109,15 +244,47 @@ class TRMTrainer(GRPOTrainer):
                         f"Rollout log-probs do not match the completion: sequence {i} has {len(ids)} completion "
                         f"tokens but {len(lps)} log-probs. Return exactly one log-prob per completion token."
                     )
+        if self._trm_topk > 0:
+            if self.rollout_func is not None:  # popped: TRL would forward extra keys to the reward functions
+                extra = result[5]
+                topk = from_rollout_func(
+                    extra.pop("topk_logprobs", None), extra.pop("topk_token_ids", None), completion_ids, self._trm_topk
+                )
+            else:
+                topk, self._trm_topk_stash = self._trm_topk_stash, None
+                if topk is None:
+                    raise RuntimeError("trm_rollout_topk: the generation turn recorded no top-k log-probs.")
+            for i, (ids, seq) in enumerate(zip(completion_ids, topk, strict=True)):
+                if len(ids) != len(seq):
+                    raise ValueError(
+                        f"Rollout top-k does not match the completion: sequence {i} has {len(ids)} completion tokens "
+                        f"but {len(seq)} top-k positions."
+                    )
+            self._trm_pending_topk = topk  # padded into the batch by `_generate_and_score_completions`
         return result
 
     # ------------------------------------------------------------------ mask
-    def _trm_mask(self, per_token_logps: torch.Tensor, inputs: dict[str, Any]) -> TrustRegionMaskOutput:
+    def _trm_mask(
+        self, per_token_logps: torch.Tensor, inputs: dict[str, Any], theta_topk: torch.Tensor | None = None
+    ) -> TrustRegionMaskOutput:
+        """The mask of one batch. ``theta_topk`` (B, T, k + 1): log π_θ at the rollout top-k ids and the sampled
+        token, from a :class:`~trl_trm.topk.FusedHeadCapture`; with it, the per-token KL enters as ``kl_tok``."""
         args = self.args
         sampling = inputs.get("sampling_per_token_logps")
         mask = inputs["completion_mask"]
         if "tool_mask" in inputs:
             mask = mask * inputs["tool_mask"]
+        kl_tok = None
+        if theta_topk is not None:
+            topk_logprobs, topk_ids, topk_mask = (inputs[key] for key in BATCH_KEYS)
+            kl_tok = rollout_topk_kl(
+                topk_logprobs, topk_ids, topk_mask, sampling, inputs["completion_ids"], theta_topk
+            )  # (B, T)
+        elif args.trm_mode == "trm_exact":
+            raise ValueError(
+                f"`trm_mode='trm_exact'` needs the rollout top-k in the batch ({list(BATCH_KEYS)}), which is missing: "
+                "batches must come from `_generate_and_score_completions` with `trm_rollout_topk >= 1`."
+            )
         adaptive = self._trm_adaptive
         return compute_trust_region_mask(
             per_token_logps,
@@ -130,6 +297,8 @@ class TRMTrainer(GRPOTrainer):
             geo_high=args.trm_geo_high,
             ratio_min=args.trm_ratio_min,
             ratio_max=args.trm_ratio_max,
+            kl_tok=kl_tok,
+            delta_kl=args.trm_delta_kl,
             nonfinite=args.trm_nonfinite,
         )
 
@@ -140,7 +309,11 @@ class TRMTrainer(GRPOTrainer):
         names = list(stats)
         local = torch.stack([stats[n].float() for n in names], dim=1)  # (B, K)
         gathered = self.accelerator.gather(local)  # (num_processes * B, K)
-        metrics = summarize_mask_stats({n: gathered[:, j] for j, n in enumerate(names)})
+        # Per-token KLs from a top-k with k < V are lower bounds: their metrics end in `_lb`.
+        lower_bound = self._trm_head_vocab is None or self._trm_topk < self._trm_head_vocab
+        metrics = summarize_mask_stats(
+            {n: gathered[:, j] for j, n in enumerate(names)}, kl_tok_lower_bound=lower_bound
+        )
         for key, value in metrics.items():
             self._metrics[mode][key].append(value)
         if self._trm_adaptive is not None and mode == "train":
@@ -160,26 +333,62 @@ class TRMTrainer(GRPOTrainer):
 
     def _generate_and_score_completions(self, inputs):
         output = super()._generate_and_score_completions(inputs)
+        pending, self._trm_pending_topk = self._trm_pending_topk, None
+        if pending is not None:  # (B, T, k) tensors, right-padded like completion_ids; TRL splits/shuffles by row
+            completion_ids = output["completion_ids"]
+            output.update(pad_topk(pending, completion_ids.size(1), self._trm_topk, completion_ids.device))
+            self._trm_log_topk_coverage(output)
         if self.args.trm_mask_policy == "generation" and "sampling_per_token_logps" in output:
-            logps = output.get("old_per_token_logps")
-            if logps is None:
-                logps = self._trm_generation_logps(output)
-            result = self._trm_mask(logps, output)
+            logps, theta_topk = output.get("old_per_token_logps"), None
+            if logps is None or BATCH_KEYS[1] in output:  # the top-k needs this forward's hidden states
+                logps, theta_topk = self._trm_generation_logps(output)
+            result = self._trm_mask(logps, output, theta_topk)
             self._trm_log(result)
             output["trm_weights"] = result.weights
             output["trm_keep"] = result.keep
         return output
 
+    def _trm_log_topk_coverage(self, output: dict[str, Any]) -> None:
+        """`trm/topk_missing_frac`: global fraction of valid completion tokens whose rollout top-k has fewer than
+        min(k, V) entries (a `rollout_func` returning short lists); their KL uses the entries given."""
+        mode = "train" if self.model.training else "eval"
+        valid = output["completion_mask"].bool()  # (B, T)
+        if "tool_mask" in output:
+            valid = valid & output["tool_mask"].bool()
+        vocab = getattr(self.model.config.get_text_config(), "vocab_size", None) or self._trm_topk
+        short = (output[BATCH_KEYS[2]].sum(dim=-1) < min(self._trm_topk, vocab)) & valid  # (B, T)
+        counts = self.accelerator.gather(torch.stack([short.sum(), valid.sum()]).float().unsqueeze(0)).sum(dim=0)
+        self._metrics[mode]["trm/topk_missing_frac"].append(float(counts[0] / counts[1].clamp(min=1)))
+
+    def _trm_head_capture(self, inputs, attention_mask, logits_to_keep, batch_size) -> FusedHeadCapture | None:
+        """A capture of π_θ at the rollout top-k ids for this forward, when the batch carries a top-k to evaluate."""
+        if inputs is None or BATCH_KEYS[1] not in inputs or "trm_weights" in inputs:
+            return None
+        if "sampling_per_token_logps" not in inputs:
+            return None
+        ids = ids_with_sampled(inputs[BATCH_KEYS[1]], inputs["completion_ids"])  # (B, T, k + 1)
+        return FusedHeadCapture(ids, inputs["completion_ids"], attention_mask, logits_to_keep, batch_size)
+
+    def _trm_head_result(self, capture: FusedHeadCapture | None) -> torch.Tensor | None:
+        if capture is None:
+            return None
+        theta_topk = capture.result()  # (B, T, k + 1)
+        self._trm_head_vocab = capture.vocab_size
+        return theta_topk
+
     @torch.no_grad()
-    def _trm_generation_logps(self, output: dict[str, Any]) -> torch.Tensor:
+    def _trm_generation_logps(self, output: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
         mode = "train" if self.model.training else "eval"
         batch_size = self.args.per_device_train_batch_size if mode == "train" else self.args.per_device_eval_batch_size
         input_ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
         attention_mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
-        logps, _, _ = super()._get_per_token_logps_and_entropies(
-            self.model, input_ids, attention_mask, output["completion_ids"].size(1), batch_size=batch_size
-        )
-        return logps
+        logits_to_keep = output["completion_ids"].size(1)
+        capture = self._trm_head_capture(output, attention_mask, logits_to_keep, batch_size)
+        with capture or contextlib.nullcontext():
+            logps, _, _ = super()._get_per_token_logps_and_entropies(
+                self.model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size
+            )
+        return logps, self._trm_head_result(capture)
 
     # ------------------------------------------------------------------ loss
     def _compute_loss(self, model, inputs):
@@ -191,19 +400,26 @@ class TRMTrainer(GRPOTrainer):
             self._trm_loss_inputs = None
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *a, **kw):
-        out = super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep, *a, **kw)
         inputs, self._trm_loss_inputs = self._trm_loss_inputs, None  # act once, on the loss forward only
+        batch_size = kw.get("batch_size", a[0] if a else None)
+        capture = self._trm_head_capture(inputs, attention_mask, logits_to_keep, batch_size)  # trm_rollout_topk
+        with capture or contextlib.nullcontext():
+            out = super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, *a, **kw
+            )
         if inputs is not None:
-            self._trm_apply(out[0], inputs)
+            self._trm_apply(out[0], inputs, self._trm_head_result(capture))
         return out
 
-    def _trm_apply(self, per_token_logps: torch.Tensor, inputs: dict[str, Any]) -> None:
+    def _trm_apply(
+        self, per_token_logps: torch.Tensor, inputs: dict[str, Any], theta_topk: torch.Tensor | None = None
+    ) -> None:
         if "trm_weights" in inputs:  # trm_mask_policy="generation": evaluated once, at generation time
             weights, keep = inputs["trm_weights"], inputs["trm_keep"]
         elif "sampling_per_token_logps" not in inputs:  # only with trm_mode="none" (checked in `_generate`)
             return
         else:
-            result = self._trm_mask(per_token_logps, inputs)
+            result = self._trm_mask(per_token_logps, inputs, theta_topk)
             self._trm_log(result)
             weights, keep = result.weights, result.keep
         if self._trm_adaptive is not None and self.model.training and self.accelerator.sync_gradients:
@@ -232,3 +448,27 @@ class TRMTrainer(GRPOTrainer):
         super()._load_optimizer_and_scheduler(checkpoint)
         if self._trm_adaptive is not None and checkpoint is not None:
             self._trm_adaptive.load(checkpoint)
+
+    # ------------------------------------------------------------------ Hub
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
+        """TRL's card (tags `trl`, `grpo`, `trm`; base model; GRPO citation) plus a TRM section: settings, final
+        accept-rate figures and the TRM citation (`trl_trm.hub.trm_card_section`)."""
+        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
+        if self.is_world_process_zero():
+            append_trm_section(os.path.join(self.args.output_dir, "README.md"), self.args, self.state.log_history)
+
+    def init_hf_repo(self, token=None, private=None):
+        # Called from `Trainer.__init__` when push_to_hub=True: an unreachable Hub gets a clear error here.
+        with hub_errors("create the repository", self.args.hub_model_id):
+            return super().init_hf_repo(token=token, private=private)
+
+    def push_to_hub(self, *args, **kwargs):
+        with hub_errors("push to", self.hub_model_id or self.args.hub_model_id):
+            return super().push_to_hub(*args, **kwargs)
+
+    # ------------------------------------------------------------------ end of run
+    def end(self):
+        """`Trainer.end` (finish trackers, destroy the process group), after flushing pending collectives: tearing
+        down gloo while its worker thread still frees a gathered tensor deadlocks (see `trl_trm.distributed`)."""
+        shutdown_distributed()
+        super().end()
