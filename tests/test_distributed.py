@@ -44,3 +44,24 @@ def test_two_processes_match_one_process(tiny_model_dir, tmp_path):
     # Same masked gradient: the masks are applied per rank consistently and normalised by the global token count.
     assert math.isclose(one["log"]["grad_norm"], two["log"]["grad_norm"], rel_tol=1e-4)
     assert math.isclose(one["log"]["loss"], two["log"]["loss"], rel_tol=1e-4, abs_tol=1e-7)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_cli_train_on_two_processes_exits_cleanly(tmp_path):
+    """`torchrun --nproc_per_node 2 -m trl_trm.cli train`: both ranks exit 0, only the main process writes."""
+    env = {**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1", "OMP_NUM_THREADS": "1"}
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+    cmd += ["-m", "trl_trm.cli", "train", "--config", str(Path(__file__).parent.parent / "recipes" / "demo.yaml")]
+    cmd += ["--output_dir", str(out), "--max_steps", "2", "--logging_steps", "1", "--per_device_train_batch_size", "8"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("trl-trm train: done") == 1  # accelerator.print: main process only
+    records = [json.loads(line) for line in (out / "trm_stats.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]  # one writer
+    assert all(0.0 <= r["trm/accept_rate"] <= 1.0 for r in records)
+    assert (out / "model.safetensors").exists() and "## Trust Region Masking" in (out / "README.md").read_text()

@@ -7,10 +7,10 @@ import json
 import sys
 
 import torch
-import torch.distributed as dist
 from datasets import Dataset
 
 from trl_trm import TRMConfig, TRMTrainer
+from trl_trm.distributed import shutdown_distributed
 
 
 def rollout_func(prompts, trainer):
@@ -61,9 +61,7 @@ def main():
     if trainer.accelerator.is_main_process:
         with open(out_json, "w") as f:
             json.dump({"world": trainer.accelerator.num_processes, "log": trainer.state.log_history[0]}, f)
-    if dist.is_initialized():  # without a clean teardown rank 0 aborts or hangs at interpreter exit
-        dist.barrier()
-        dist.destroy_process_group()
+    shutdown_distributed()  # without it a rank can abort or deadlock at exit (see trl_trm/distributed.py)
 
 
 if __name__ == "__main__":
