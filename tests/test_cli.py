@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import math
 
+import pytest
+
 from trl_trm.cli import main
+from trl_trm.demo import summarize
 
 
 def test_bounds_prints_the_talk_example(capsys):
@@ -32,8 +35,33 @@ def test_unknown_command_prints_usage(capsys):
     assert "usage: trl-trm" in capsys.readouterr().err
 
 
-def test_demo_runs_offline_and_rejects_with_a_tight_threshold(tmp_path, capsys):
-    assert main(["demo", "--output_dir", str(tmp_path), "--max_steps", "5", "--trm_delta_max", "1e-9"]) == 0
+def test_demo_rejects_everything_with_a_tight_threshold(tmp_path, capsys):
+    argv = ["demo", "--output_dir", str(tmp_path), "--max_steps", "4", "--logging_steps", "2"]
+    with pytest.warns(RuntimeWarning, match="accept_rate has stayed below"):
+        assert main([*argv, "--trm_delta_max", "1e-9", "--trm_accept_rate_patience", "1"]) == 0
     out = capsys.readouterr().out
     assert "trm/accept_rate (mean over logs): 0.000" in out
-    assert "criterion rejecting most (last log): delta_max (1.000)" in out
+    assert "criterion rejecting most: delta_max (mean reject rate 1.000)" in out
+    assert out.count("step ") == 2 and "reward" in out  # one progress line per log
+    assert (tmp_path / "trm_stats.png").exists() and (tmp_path / "model.safetensors").exists()
+
+
+def test_demo_summary_from_log_history():
+    history = [
+        {"step": 1, "reward": 0.1, "trm/accept_rate": 1.0, "trm/reject_rate/delta_max": 0.0},
+        {
+            "step": 2,
+            "reward": 0.2,
+            "trm/accept_rate": 0.5,
+            "trm/reject_rate/delta_max": 0.25,
+            "trm/reject_rate/delta_avg": 0.5,
+        },
+        {"step": 3, "loss": 1.0},
+        {"step": 4, "reward": 0.5, "trm/accept_rate": 0.9, "trm/reject_rate/delta_max": 0.1},
+        {"step": 5, "reward": 0.7, "trm/accept_rate": 0.8, "trm/reject_rate/delta_max": 0.2},
+    ]
+    summary = summarize(history, window=2)
+    assert summary["reward_start"] == pytest.approx(0.15) and summary["reward_end"] == pytest.approx(0.6)
+    assert summary["accept_rate_mean"] == pytest.approx(0.8)
+    assert summary["top_rejecting_criterion"] == "delta_avg"  # mean 0.5 over the logs that report it
+    assert summary["reject_rate_mean"]["delta_max"] == pytest.approx(0.1375)

@@ -1,9 +1,10 @@
-"""Offline demo: TRMTrainer on a tiny locally built model and a built-in verifiable task, on CPU, no downloads.
+"""Offline demo: `trl-trm demo` = `trl-trm train` with the packaged recipe `trl_trm/recipes/demo.yaml`
+(identical to `recipes/demo.yaml`), plus a compact progress line per log and a closing summary.
 
-The task is string reversal ("reverse: abc" -> "cba") with an exact, graded reward in [0, 1]. Training runs under
-bf16 autocast while the sampling log-probs are captured in fp32 at generation time: a real rollout/training
-mismatch (|log rho| ~ 1e-3 per token), so the trust-region mask has something to reject at the demo's tight
-threshold.
+The task is string reversal ("reverse: abc" -> "cba") with an exact, graded reward in [0, 1], on a tiny model and
+tokenizer built locally (`builtin:tiny`, `builtin:reversal`): no download, CPU only. Training runs under bf16
+autocast while the sampling log-probs are captured in fp32 at generation time: a real rollout/training mismatch
+(|log rho| ~ 1e-3 per token), so the trust-region mask has something to reject at the demo's tight threshold.
 """
 
 from __future__ import annotations
@@ -11,21 +12,20 @@ from __future__ import annotations
 import os
 import random
 import time
-from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+from .rewards import reversal as reversal_reward  # noqa: F401  (the demo task's reward, importable from here)
+
+DEMO_RECIPE = "demo.yaml"
 
 
-@dataclass
-class DemoArguments:
-    output_dir: str = field(default="outputs/demo", metadata={"help": "Where the model, logs and metrics go."})
-    max_steps: int = field(default=40, metadata={"help": "Optimizer steps."})
-    trm_mode: str = field(default="trm", metadata={"help": "Correction mode (see TRMConfig)."})
-    trm_delta_max: float = field(
-        default=2e-3, metadata={"help": "Demo threshold on max |log rho|: tight, so the bf16 mismatch shows."}
-    )
-    seed: int = field(default=0, metadata={"help": "Random seed."})
+def demo_recipe_path() -> str:
+    return str(resources.files("trl_trm").joinpath("recipes", DEMO_RECIPE))
 
 
 def reversal_dataset(n: int, seed: int):
+    """`n` prompts "reverse: <word>" (2-4 letters from a-j) with the reversed word in `target`."""
     from datasets import Dataset
 
     rng = random.Random(seed)
@@ -36,68 +36,80 @@ def reversal_dataset(n: int, seed: int):
     return Dataset.from_list(rows)
 
 
-def reversal_reward(completions, target, **kwargs) -> list[float]:
-    """Exact, graded reward in [0, 1]: half for using only the word's letters, half for matching the reversal
-    position by position (1.0 = exact reversal, nothing else). The first half gives a random model a signal."""
-    rewards = []
-    for completion, want in zip(completions, target, strict=True):
-        text = completion[0]["content"] if isinstance(completion, list) else completion
-        got = text.strip()
-        if not got:
-            rewards.append(0.0)
-            continue
-        letters = sum(c in want for c in got) / len(got)
-        hits = sum(a == b for a, b in zip(got, want, strict=False)) / max(len(want), len(got))
-        rewards.append(0.5 * letters + 0.5 * hits)
-    return rewards
+def _progress_callback(max_steps: int):
+    from transformers import TrainerCallback
+
+    class DemoProgress(TrainerCallback):
+        """One short line per log instead of the full metrics dict."""
+
+        def __init__(self):
+            self.start = time.perf_counter()
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not logs or "reward" not in logs or not state.is_world_process_zero:
+                return
+            accept = logs.get("trm/accept_rate")
+            ratio = logs.get("trm/log_ratio_abs_max/mean")
+            parts = [f"step {state.global_step:>3}/{max_steps}", f"reward {logs['reward']:.3f}"]
+            if accept is not None:
+                parts.append(f"accept {accept:.2f}")
+            if ratio is not None:
+                parts.append(f"max|log rho| {ratio:.1e}")
+            parts.append(f"{time.perf_counter() - self.start:5.1f} s")
+            print("  ".join(parts), flush=True)
+
+    return DemoProgress()
 
 
-def run_demo(args: DemoArguments) -> dict[str, float]:
-    from trl_trm import TRMConfig, TRMTrainer
-    from trl_trm.tiny import save_tiny_model
+def summarize(log_history: list[dict[str, Any]], window: int = 3) -> dict[str, Any]:
+    """Reward at the start and end of training (mean of the first / last `window` logs), mean accept rate, and
+    the criterion with the highest mean rejection rate."""
+    logs = [h for h in log_history if "reward" in h]
+    accept = [h["trm/accept_rate"] for h in logs if h.get("trm/accept_rate") is not None]
+    rejects: dict[str, list[float]] = {}
+    for h in logs:
+        for k, v in h.items():
+            if k.startswith("trm/reject_rate/") and v is not None:
+                rejects.setdefault(k.rsplit("/", 1)[-1], []).append(v)
+    mean_rejects = {k: sum(v) / len(v) for k, v in rejects.items()}
+    n = min(window, max(1, len(logs) // 2))
+    return {
+        "reward_start": sum(h["reward"] for h in logs[:n]) / n if logs else float("nan"),
+        "reward_end": sum(h["reward"] for h in logs[-n:]) / n if logs else float("nan"),
+        "accept_rate_mean": sum(accept) / len(accept) if accept else float("nan"),
+        "reject_rate_mean": mean_rejects,
+        "top_rejecting_criterion": max(mean_rejects, key=mean_rejects.get) if mean_rejects else None,
+        "logs": len(logs),
+    }
 
-    model_dir = save_tiny_model(os.path.join(args.output_dir, "init-model"), seed=args.seed)
-    config = TRMConfig(
-        output_dir=args.output_dir,
-        use_cpu=True,
-        bf16=True,
-        per_device_train_batch_size=8,
-        num_generations=4,
-        max_completion_length=8,
-        learning_rate=5e-3,
-        max_steps=args.max_steps,
-        logging_steps=5,
-        report_to=[],
-        gradient_checkpointing=False,
-        save_strategy="no",
-        seed=args.seed,
-        trm_mode=args.trm_mode,
-        trm_delta_max=args.trm_delta_max,
-        disable_tqdm=False,
-    )
-    trainer = TRMTrainer(
-        model=model_dir,
-        reward_funcs=reversal_reward,
-        args=config,
-        train_dataset=reversal_dataset(512, args.seed),
-    )
+
+def run_demo(script_args, config, model_args) -> dict[str, Any]:
+    """Train on the demo recipe, save, print the summary; returns it (with `train_seconds`, `plot`)."""
+    from transformers import PrinterCallback, ProgressCallback
+
+    from .plotting import PLOT_FILE
+    from .train import build_trainer
+
+    print(f"trl-trm demo: tiny model, string reversal, {config.max_steps} steps on CPU -> {config.output_dir}")
+    trainer = build_trainer(script_args, config, model_args)
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(_progress_callback(config.max_steps))
     start = time.perf_counter()
     trainer.train()
     elapsed = time.perf_counter() - start
-    logs = [h for h in trainer.state.log_history if "reward" in h]
-    accept = [h["trm/accept_rate"] for h in logs if h.get("trm/accept_rate") is not None]
-    rejects = {k: v for k, v in logs[-1].items() if k.startswith("trm/reject_rate/")} if logs else {}
-    summary = {
-        "train_seconds": elapsed,
-        "reward_first": logs[0]["reward"] if logs else float("nan"),
-        "reward_last": logs[-1]["reward"] if logs else float("nan"),
-        "accept_rate_mean": sum(accept) / len(accept) if accept else float("nan"),
-    }
+    trainer.save_model(config.output_dir)
+    trainer.create_model_card(model_name="trl-trm-demo")
+    summary = summarize(trainer.state.log_history)
+    summary["train_seconds"] = elapsed
+    plot = os.path.join(config.output_dir, PLOT_FILE)
+    summary["plot"] = plot if os.path.exists(plot) else None
     print("\n=== trl-trm demo summary ===")
-    print(f"trained {args.max_steps} steps in {elapsed:.1f} s (output: {args.output_dir})")
-    print(f"reward: first log {summary['reward_first']:.3f} -> last log {summary['reward_last']:.3f}")
+    print(f"trained {config.max_steps} steps in {elapsed:.1f} s (output: {config.output_dir})")
+    print(f"reward: start {summary['reward_start']:.3f} -> end {summary['reward_end']:.3f} (mean of first/last logs)")
     print(f"trm/accept_rate (mean over logs): {summary['accept_rate_mean']:.3f}")
-    if rejects:
-        worst = max(rejects, key=rejects.get)
-        print(f"criterion rejecting most (last log): {worst.split('/')[-1]} ({rejects[worst]:.3f})")
+    top = summary["top_rejecting_criterion"]
+    if top is not None:
+        print(f"criterion rejecting most: {top} (mean reject rate {summary['reject_rate_mean'][top]:.3f})")
+    print(f"plot: {summary['plot'] or 'not written (trm_plot=False or matplotlib missing)'}")
     return summary

@@ -1,0 +1,167 @@
+"""`trl-trm train` from a recipe: bad recipes fail before the model loads, with one clear line; a local-data recipe
+with an imported reward trains, saves, writes trm_stats.jsonl, the plot and a model card with the TRM section."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from trl_trm.cli import main
+
+MISSING_MODEL = "/nonexistent/model-dir"  # loading it would fail: an error about anything else came first
+
+
+def _write_recipe(path: Path, **overrides) -> Path:
+    recipe = {
+        "model_name_or_path": MISSING_MODEL,
+        "dataset_name": "builtin:reversal",
+        "reward_funcs": ["reversal"],
+        "output_dir": str(path.parent / "out"),
+        "use_cpu": True,
+        "max_steps": 1,
+        "per_device_train_batch_size": 4,
+        "num_generations": 4,
+        "max_completion_length": 6,
+        "report_to": [],
+        "save_strategy": "no",
+    }
+    recipe.update(overrides)
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"learning_rte": 1e-3}, "Unknown recipe keys ['learning_rte']"),
+        ({"reward_funcs": ["no_such_mod:f"]}, "Cannot import the module of reward function 'no_such_mod:f'"),
+        ({"reward_funcs": ["reversal"], "reward_weights": [1.0, 2.0]}, "`reward_weights` has 2 entries"),
+        ({"prompt_column": "question"}, "has no prompt column 'question'"),
+        ({"trm_delta_max": -1.0}, "trm_delta_max"),
+        ({"dataset_name": "builtin:nope"}, "Unknown built-in dataset 'builtin:nope'"),
+    ],
+)
+def test_bad_recipes_fail_before_the_model_loads(tmp_path, capsys, overrides, message):
+    recipe = _write_recipe(tmp_path / "r.yaml", **overrides)
+    assert main(["train", "--config", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert "Traceback" not in err and MISSING_MODEL not in err
+
+
+def test_unknown_flag_and_missing_config(tmp_path, capsys):
+    recipe = _write_recipe(tmp_path / "r.yaml")
+    assert main(["train", "--config", str(recipe), "--trm_mod", "trm"]) == 2
+    assert "Unknown command-line flags ['--trm_mod']" in capsys.readouterr().err
+    assert main(["train"]) == 2
+    assert "no recipe" in capsys.readouterr().err
+
+
+def test_local_dataset_without_the_prompt_column_lists_columns(tmp_path, capsys):
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"question": f"q{i}", "answer": "#### 1"}) + "\n" for i in range(8)))
+    recipe = _write_recipe(tmp_path / "r.yaml", dataset_name=str(data))
+    assert main(["train", "--config", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "has no prompt column 'prompt'" in err and "['question', 'answer']" in err
+
+
+@pytest.mark.slow
+def test_train_from_local_jsonl_with_imported_reward(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    (tmp_path / "my_rewards.py").write_text(
+        "def longer(completions, answer, **kw):\n    return [min(len(c), 20) / 20 for c in completions]\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    data = tmp_path / "data.jsonl"
+    words = ["abc", "ghij", "bad", "cafe", "jig", "hide", "face", "bead"]
+    data.write_text("".join(json.dumps({"question": f"reverse: {w}", "answer": w[::-1]}) + "\n" for w in words * 2))
+    out = tmp_path / "run"
+    recipe = _write_recipe(
+        tmp_path / "r.yaml",
+        model_name_or_path=tiny_model_dir,
+        dataset_name=str(data),
+        prompt_column="question",
+        chat_prompt=True,
+        reward_funcs=["my_rewards:longer"],
+        output_dir=str(out),
+        max_steps=2,
+        logging_steps=1,
+        bf16=True,  # training under bf16 autocast vs fp32 capture: a real mismatch
+        trm_delta_max=1e-9,  # rejects everything: the low-accept warning must fire (patience 1)
+        trm_accept_rate_patience=1,
+    )
+    with pytest.warns(RuntimeWarning, match="accept_rate has stayed below 0.5 for 1 logs"):
+        assert main(["train", "--config", str(recipe)]) == 0
+    assert (out / "model.safetensors").exists()
+    records = [json.loads(line) for line in (out / "trm_stats.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(r["trm/accept_rate"] == 0.0 and r["trm/reject_rate/delta_max"] == 1.0 for r in records)
+    assert (out / "trm_stats.png").stat().st_size > 10_000
+    card = (out / "README.md").read_text()
+    assert "## Trust Region Masking" in card and "| `trm_delta_max` | 1e-09 |" in card
+    assert "| `trm/accept_rate (last log)` | 0 |" in card
+    assert "- trm" in card and "- grpo" in card  # TRL's card tags
+    assert "Trust Region Masking for Long-Horizon LLM Reinforcement Learning" in card
+
+
+def test_reward_columns_are_checked_before_the_model_loads(tmp_path, capsys):
+    recipe = _write_recipe(tmp_path / "r.yaml", reward_funcs=["gsm8k_accuracy"])  # reversal data has no `answer`
+    assert main(["train", "--config", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "Reward function 'gsm8k_accuracy' needs the dataset column(s) ['answer']" in err
+    assert MISSING_MODEL not in err
+
+
+def test_resume_true_without_checkpoint_and_config_equals_form(tmp_path, capsys):
+    recipe = _write_recipe(tmp_path / "r.yaml", resume_from_checkpoint="true")
+    assert main(["train", f"--config={recipe}"]) == 2  # `--config=PATH` is read like `--config PATH`
+    assert "holds no checkpoint-* folder" in capsys.readouterr().err
+
+
+def test_resolve_checkpoint(tmp_path):
+    from trl_trm.train import resolve_checkpoint
+
+    for name in ("checkpoint-2", "checkpoint-10"):
+        (tmp_path / name).mkdir()
+    assert resolve_checkpoint("true", str(tmp_path)) == str(tmp_path / "checkpoint-10")
+    assert resolve_checkpoint("last", str(tmp_path)) == str(tmp_path / "checkpoint-10")
+    assert resolve_checkpoint(None, str(tmp_path)) is None and resolve_checkpoint("false", str(tmp_path)) is None
+    assert resolve_checkpoint(str(tmp_path / "checkpoint-2"), str(tmp_path)) == str(tmp_path / "checkpoint-2")
+    with pytest.raises(ValueError, match="is not a directory"):
+        resolve_checkpoint(str(tmp_path / "nope"), str(tmp_path))
+
+
+def test_eval_split_of_a_single_file_is_refused(tmp_path, capsys):
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"p{i}", "target": "x"}) + "\n" for i in range(8)))
+    recipe = _write_recipe(tmp_path / "r.yaml", dataset_name=str(data), eval_strategy="steps", eval_steps=1)
+    assert main(["train", "--config", str(recipe)]) == 2
+    assert "is a single file, so it has no 'test' split" in capsys.readouterr().err
+
+
+def test_saved_dataset_dict_split_errors(tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    from trl_trm.train import TrainScriptArguments, load_prompts
+
+    path = tmp_path / "saved"
+    DatasetDict({"train": Dataset.from_list([{"prompt": "a"}, {"prompt": "b"}])}).save_to_disk(str(path))
+    args = TrainScriptArguments(dataset_name=str(path), max_train_samples=1)
+    assert load_prompts(args)["prompt"] == ["a"]
+    with pytest.raises(ValueError, match=r"has no split 'test'; its splits are \['train'\]"):
+        load_prompts(args, split="test")
+
+
+def test_chat_prompt_and_system_prompt(tmp_path):
+    from trl_trm.train import TrainScriptArguments, load_prompts
+
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"question": "2+2?", "answer": "#### 4"}) + "\n")
+    args = TrainScriptArguments(dataset_name=str(data), prompt_column="question", system_prompt="Be brief.")
+    row = load_prompts(args)[0]
+    assert row["prompt"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]
+    assert row["answer"] == "#### 4" and "question" not in row

@@ -1,0 +1,132 @@
+"""Built-in reward functions (TRL signature: `f(completions, **dataset_columns) -> list[float]`) and name resolution.
+
+Recipes name rewards in `reward_funcs`: a built-in name below, or an import path `package.module:function`
+(`package.module.function` also works) importable from the working directory.
+
+| name | task | reward |
+|---|---|---|
+| `reversal` | `builtin:reversal` (demo) | graded in [0, 1]; 1.0 = exact reversal of the `target` column |
+| `gsm8k_accuracy` | GSM8K-style data with an `answer` column ending in `#### <number>` | 1.0 when the last number of the completion equals it, else 0.0 |
+| `hash_answer_format` | any | 1.0 when the completion ends with a `#### <number>` line, else 0.0 |
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import sys
+from collections.abc import Callable
+
+# A number: optional sign only at the start or after whitespace/`(`/`$`/`=`, digits with `,` groups, optional decimals.
+_NUMBER = re.compile(
+    r"(?:(?<=^)|(?<=[\s($=:]))-?(?:\d[\d,]*(?:\.\d+)?|\.\d+)|(?<![\d.])\d[\d,]*(?:\.\d+)?|(?<![\d.])\.\d+"
+)
+# The final answer line: `#### 1,234`, `#### -3.5`, `#### $5`, `#### 7.` (trailing period or unit-free).
+_HASH_ANSWER = re.compile(r"####\s*\$?\s*(-?[\d,]*\.?\d+)\s*\.?\s*$")
+_HASH_ANY = re.compile(r"####\s*\$?\s*(-?[\d,]*\.?\d+)")
+
+
+def _text(completion) -> str:
+    """A completion is a string (standard prompts) or a list of messages (conversational prompts)."""
+    if isinstance(completion, list):
+        return completion[-1]["content"] if completion else ""
+    return completion
+
+
+def reversal(completions, target, **kwargs) -> list[float]:
+    """Exact, graded reward in [0, 1] for string reversal: half for using only the word's letters, half for matching
+    the reversal position by position (1.0 = the exact reversal and nothing else). The first half gives a random
+    model a learning signal."""
+    rewards = []
+    for completion, want in zip(completions, target, strict=True):
+        got = _text(completion).strip()
+        if not got:
+            rewards.append(0.0)
+            continue
+        letters = sum(c in want for c in got) / len(got)
+        hits = sum(a == b for a, b in zip(got, want, strict=False)) / max(len(want), len(got))
+        rewards.append(0.5 * letters + 0.5 * hits)
+    return rewards
+
+
+def _to_number(text: str) -> float | None:
+    try:
+        return float(text.replace(",", ""))
+    except ValueError:
+        return None
+
+
+def _final_number(text: str) -> float | None:
+    """The number after the last `####` if there is one, else the last number in the text."""
+    marked = _HASH_ANY.findall(text)
+    if marked:
+        return _to_number(marked[-1])
+    numbers = _NUMBER.findall(text)
+    return _to_number(numbers[-1]) if numbers else None
+
+
+def gsm8k_accuracy(completions, answer, **kwargs) -> list[float]:
+    """1.0 when the completion's final answer (after its last `####`, else its last number) equals the reference
+    after `####` in the `answer` column, else 0.0."""
+    rewards = []
+    for completion, ref in zip(completions, answer, strict=True):
+        match = _HASH_ANY.findall(ref)
+        want = _to_number(match[-1]) if match else _to_number(ref.strip())
+        if want is None:
+            raise ValueError(
+                f"gsm8k_accuracy: cannot read a reference number from the `answer` column value {ref!r}: it must end "
+                "with `#### <number>` (GSM8K format) or be a number."
+            )
+        got = _final_number(_text(completion))
+        rewards.append(1.0 if got is not None and abs(got - want) < 1e-6 else 0.0)
+    return rewards
+
+
+def hash_answer_format(completions, **kwargs) -> list[float]:
+    """1.0 when the completion ends with a `#### <number>` line (the answer format GSM8K prompts ask for)."""
+    return [1.0 if _HASH_ANSWER.search(_text(c).strip()) else 0.0 for c in completions]
+
+
+BUILTIN_REWARDS: dict[str, Callable] = {
+    "reversal": reversal,
+    "gsm8k_accuracy": gsm8k_accuracy,
+    "hash_answer_format": hash_answer_format,
+}
+
+
+def resolve_reward_funcs(names: list[str] | None) -> list[Callable]:
+    """Turn recipe names into callables; raises ValueError naming the entry and the fix."""
+    if not names:
+        raise ValueError(
+            "No reward function given: set `reward_funcs` in the recipe (a list), e.g. `reward_funcs: [gsm8k_accuracy]` "
+            f"(built-ins: {', '.join(BUILTIN_REWARDS)}) or `reward_funcs: [my_pkg.rewards:my_reward]`."
+        )
+    funcs = []
+    for name in names:
+        if name in BUILTIN_REWARDS:
+            funcs.append(BUILTIN_REWARDS[name])
+            continue
+        if ":" in name:
+            module_name, _, attr = name.partition(":")
+        elif "." in name:
+            module_name, _, attr = name.rpartition(".")
+        else:
+            raise ValueError(
+                f"Unknown reward function {name!r}: use a built-in name ({', '.join(BUILTIN_REWARDS)}) or an import "
+                "path `package.module:function`."
+            )
+        if os.getcwd() not in sys.path:  # recipes name modules next to them, as `trl grpo` does
+            sys.path.insert(0, os.getcwd())
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as err:
+            raise ValueError(
+                f"Cannot import the module of reward function {name!r}: {err}. Check the spelling, and run from the "
+                "directory that holds the module (or install it)."
+            ) from err
+        func = getattr(module, attr, None)
+        if not callable(func):
+            raise ValueError(f"Reward function {name!r}: module {module_name!r} has no callable named {attr!r}.")
+        funcs.append(func)
+    return funcs
