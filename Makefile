@@ -55,8 +55,8 @@ test-vllm: $(VLLM_BIN)/.trl-trm-installed
 test-all: test test-slow test-distributed
 
 lint: $(BIN)/trl-trm
-	$(BIN)/ruff check trl_trm tests benchmarks
-	$(BIN)/ruff format --check trl_trm tests benchmarks
+	$(BIN)/ruff check trl_trm tests benchmarks experiments
+	$(BIN)/ruff format --check trl_trm tests benchmarks experiments
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) outputs .pytest_cache

@@ -1,0 +1,192 @@
+"""A rollout engine with a controlled rollout/training mismatch, as a TRL `rollout_func`.
+
+TRL 1.16 calls ``rollout_func(prompts, trainer)`` once per generation batch (``GRPOTrainer._generate``) with the
+process's prompts, already repeated ``num_generations`` times by TRL's sampler, and expects one completion per prompt:
+``{"prompt_ids", "completion_ids", "logprobs"}`` (lists of token-id lists, and one sampling log-prob per completion
+token). :class:`MismatchRollout` samples with its OWN copy of the policy (refreshed from the trainer's weights at
+every call, like a vLLM weight sync) and reports the log-prob of the distribution it actually sampled from, as a
+real inference engine does. Three kinds of mismatch, one at a time:
+
+* ``precision``: the rollout copy runs in bf16; the trainer in fp32 (log-probs computed in fp32 from bf16 logits).
+* ``impulse``: emulates MoE routing flips. At each position of each sequence, with probability ``impulse_p``, the
+  rollout samples from a perturbed distribution, logits + ``impulse_sigma`` * N(0, 1) (i.i.d. per vocabulary entry),
+  and REPORTS that distribution's log-prob. The trainer never sees the perturbation.
+* ``stale``: the rollout samples with the weights of ``stale_k`` optimizer steps ago (the oldest available during
+  the first ``stale_k`` steps).
+* ``none``: fp32 copy of the current weights, no perturbation: rollout log-probs equal the trainer's up to the
+  rounding difference between incremental (KV-cache) decoding and the trainer's full forward (~1e-6).
+
+With ``topk >= 1`` it also returns ``topk_logprobs`` / ``topk_token_ids`` (the sampling distribution's k most
+probable tokens per completion token): the `rollout_func` contract of ``trm_mode="trm_exact"`` (``trl_trm.topk``).
+
+Sampling uses ``transformers`` ``generate`` (temperature from the trainer's config, no top-k/top-p) with the
+perturbation as a ``LogitsProcessor``; ``output_scores=True`` returns the processed scores, i.e. the distribution
+sampled from, whose log-softmax at the sampled token is the reported log-prob. Prompts are tokenized with the
+trainer's own ``_tokenize_prompts`` (a TRL private method) so the prompt ids equal what TRL would build.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+
+KINDS = ("none", "precision", "impulse", "stale")
+
+
+class _ImpulseNoise:
+    """LogitsProcessor: with probability ``p`` per row and step, add ``sigma`` * N(0, 1) to that row's scores."""
+
+    def __init__(self, p: float, sigma: float, generator: torch.Generator):
+        self.p, self.sigma, self.generator = p, sigma, generator
+        self.flips: list[torch.Tensor] = []  # (B,) bool per generated step: which rows were perturbed
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        flip = torch.rand(scores.size(0), generator=self.generator) < self.p  # (B,)
+        self.flips.append(flip)
+        if not bool(flip.any()):
+            return scores
+        noise = torch.randn(scores.shape, generator=self.generator).to(scores.dtype) * self.sigma  # (B, V)
+        return torch.where(flip.unsqueeze(1).to(scores.device), scores + noise.to(scores.device), scores)
+
+
+class MismatchRollout:
+    """TRL ``rollout_func`` sampling from a copy of the policy with a controlled mismatch (module docstring).
+
+    Args:
+        kind: one of :data:`KINDS`.
+        impulse_p: probability per position of a perturbed step (``impulse``).
+        impulse_sigma: standard deviation of the Gaussian logit noise at a perturbed step (``impulse``).
+        stale_k: age in optimizer steps of the rollout weights (``stale``).
+        topk: also return the top-k of the sampling distribution per token (for ``trm_exact``); 0 = off.
+        seed: seed of the engine's own random generator (the perturbation); token sampling uses torch's global RNG,
+            which the trainer seeds.
+    """
+
+    def __init__(
+        self,
+        kind: str = "none",
+        *,
+        impulse_p: float = 0.0,
+        impulse_sigma: float = 0.0,
+        stale_k: int = 0,
+        topk: int = 0,
+        seed: int = 0,
+    ):
+        if kind not in KINDS:
+            raise ValueError(f"Unknown mismatch kind {kind!r}: choose one of {list(KINDS)}.")
+        if not 0.0 <= impulse_p <= 1.0:
+            raise ValueError(f"`impulse_p` must be a probability in [0, 1], got {impulse_p}.")
+        if impulse_sigma < 0 or stale_k < 0 or topk < 0:
+            raise ValueError(
+                f"`impulse_sigma`, `stale_k` and `topk` must be >= 0, got {impulse_sigma}, {stale_k}, {topk}."
+            )
+        self.kind, self.impulse_p, self.impulse_sigma, self.stale_k, self.topk = (
+            kind,
+            impulse_p,
+            impulse_sigma,
+            stale_k,
+            topk,
+        )
+        self.generator = torch.Generator().manual_seed(seed)
+        self.model: torch.nn.Module | None = None
+        self.snapshots: dict[int, dict[str, torch.Tensor]] = {}  # optimizer step -> trainer weights (stale)
+        self.weights_step: int | None = None  # the optimizer step whose weights the last rollout used
+        self.last_flips: torch.Tensor | None = None  # (B, T) bool, perturbed positions of the last call (impulse)
+
+    # -------------------------------------------------------------------------------------------- weights
+    def sync(self, policy: torch.nn.Module, step: int) -> None:
+        """Refresh the rollout copy from ``policy`` (the trainer's model) at optimizer step ``step``."""
+        state = {k: v.detach().clone() for k, v in policy.state_dict().items()}
+        if self.model is None:
+            # A fresh module from the config, not `copy.deepcopy(policy)`: TRL patches the trainer's model's
+            # `forward` as an instance attribute bound to that model (its fused LM head), and a deep copy would keep
+            # calling the original (fp32, current-weights) model.
+            self.model = type(policy)(policy.config).eval()
+            self.model.generation_config = copy.deepcopy(policy.generation_config)
+            self.model.requires_grad_(False)
+        use_step = step
+        if self.kind == "stale":
+            self.snapshots[step] = state
+            use_step = max(min(self.snapshots), step - self.stale_k)
+            for old in [s for s in self.snapshots if s < step - self.stale_k]:
+                del self.snapshots[old]
+            state = self.snapshots[use_step]
+        self.model.float()
+        self.model.load_state_dict(state)
+        if self.kind == "precision":
+            self.model.to(torch.bfloat16)
+        self.weights_step = use_step
+
+    # -------------------------------------------------------------------------------------------- sampling
+    @torch.no_grad()
+    def generate(
+        self, prompt_ids: list[list[int]], *, max_new_tokens: int, temperature: float, pad_id: int, eos_id: int
+    ) -> dict[str, Any]:
+        """Sample one completion per prompt with the rollout copy; return TRL's rollout_func dict."""
+        from transformers import LogitsProcessorList
+
+        if self.model is None:
+            raise RuntimeError("MismatchRollout.generate before sync(): no rollout weights yet.")
+        width = max(len(p) for p in prompt_ids)
+        input_ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)  # (B, P) left-padded
+        attention = torch.zeros_like(input_ids)
+        for i, ids in enumerate(prompt_ids):
+            input_ids[i, width - len(ids) :] = torch.tensor(ids)
+            attention[i, width - len(ids) :] = 1
+        processors = LogitsProcessorList()
+        noise = None
+        if self.kind == "impulse" and self.impulse_p > 0:
+            noise = _ImpulseNoise(self.impulse_p, self.impulse_sigma, self.generator)
+            processors.append(noise)
+        out = self.model.generate(
+            input_ids=input_ids,
+            attention_mask=attention,
+            do_sample=True,
+            temperature=temperature,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=max_new_tokens,
+            logits_processor=processors,
+            output_scores=True,
+            return_dict_in_generate=True,
+            pad_token_id=pad_id,
+            eos_token_id=eos_id,
+        )
+        sequences = out.sequences[:, width:]  # (B, T)
+        scores = torch.stack(out.scores, dim=1).float()  # (B, T, V) processed scores: the sampled distribution
+        logp_all = torch.log_softmax(scores, dim=-1)  # (B, T, V)
+        logp = logp_all.gather(-1, sequences.unsqueeze(-1)).squeeze(-1)  # (B, T)
+        if noise is not None:
+            self.last_flips = torch.stack(noise.flips, dim=1)  # (B, T)
+        result: dict[str, Any] = {"prompt_ids": [list(p) for p in prompt_ids], "completion_ids": [], "logprobs": []}
+        if self.topk:
+            top_lp, top_ids = logp_all.topk(min(self.topk, logp_all.size(-1)), dim=-1)  # (B, T, k)
+            result["topk_logprobs"], result["topk_token_ids"] = [], []
+        for i in range(sequences.size(0)):
+            row = sequences[i].tolist()
+            n = row.index(eos_id) + 1 if eos_id in row else len(row)  # keep the EOS token, as TRL does
+            result["completion_ids"].append(row[:n])
+            result["logprobs"].append(logp[i, :n].tolist())
+            if self.topk:
+                result["topk_logprobs"].append(top_lp[i, :n].tolist())
+                result["topk_token_ids"].append(top_ids[i, :n].tolist())
+        return result
+
+    # -------------------------------------------------------------------------------------------- TRL seam
+    def __call__(self, prompts: list, trainer) -> dict[str, Any]:
+        args = trainer.args
+        if args.top_k not in (None, 0) or args.top_p != 1.0:
+            raise ValueError("MismatchRollout samples without top-k/top-p: set `top_k=None` (or 0) and `top_p=1.0`.")
+        policy = trainer.accelerator.unwrap_model(trainer.model)
+        self.sync(policy, trainer.state.global_step)
+        prompt_ids = trainer._tokenize_prompts(prompts)[0]  # exactly TRL's prompt ids
+        tok = trainer.processing_class
+        return self.generate(
+            prompt_ids,
+            max_new_tokens=args.max_completion_length,
+            temperature=args.temperature,
+            pad_id=tok.pad_token_id,
+            eos_id=tok.eos_token_id,
+        )

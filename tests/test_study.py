@@ -1,0 +1,152 @@
+"""The mismatch study (`experiments/`): the rollout engine's mismatch mechanics (fast) and a 2-step smoke run (slow)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `experiments` is a top-level directory of the repository, not part of the package
+    sys.path.insert(0, str(ROOT))
+
+from experiments.rollout_engine import MismatchRollout  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from trl_trm.tiny import build_tiny_model, build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer()
+    model = build_tiny_model(tok, seed=0).eval()
+    prompt = tok.apply_chat_template([{"role": "user", "content": "letters 5"}], add_generation_prompt=True)
+    prompt = prompt["input_ids"] if hasattr(prompt, "keys") else prompt
+    return tok, model, [list(prompt)] * 3
+
+
+def _generate(engine, tok, prompts, seed=0, new=5):
+    torch.manual_seed(seed)
+    return engine.generate(
+        prompts, max_new_tokens=new, temperature=1.0, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id
+    )
+
+
+def _trainer_logps(model, prompts, completions):
+    """What the fp32 trainer computes: one full forward over prompt + completion, log-softmax at the sampled ids."""
+    out = []
+    with torch.no_grad():
+        for prompt, comp in zip(prompts, completions, strict=True):
+            ids = torch.tensor([prompt + comp])
+            logits = model(ids).logits[0, len(prompt) - 1 : -1].float()  # (T, V)
+            out.append(torch.log_softmax(logits, -1).gather(-1, torch.tensor(comp)[:, None]).squeeze(-1))
+    return out
+
+
+def _max_abs_diff(reported, trainer):
+    return max(float((torch.tensor(r) - t).abs().max()) for r, t in zip(reported, trainer, strict=True))
+
+
+def test_impulse_p0_reports_the_trainers_fp32_logprobs(tiny):
+    tok, model, prompts = tiny
+    engine = MismatchRollout("impulse", impulse_p=0.0, impulse_sigma=8.0)
+    engine.sync(model, step=0)
+    out = _generate(engine, tok, prompts)
+    assert [len(c) for c in out["completion_ids"]] == [len(lp) for lp in out["logprobs"]]
+    diff = _max_abs_diff(out["logprobs"], _trainer_logps(model, prompts, out["completion_ids"]))
+    assert diff < 1e-4  # incremental decoding vs one full forward: rounding only
+
+
+def test_impulse_p1_changes_the_reported_logprobs(tiny):
+    tok, model, prompts = tiny
+    engine = MismatchRollout("impulse", impulse_p=1.0, impulse_sigma=8.0, seed=1)
+    engine.sync(model, step=0)
+    out = _generate(engine, tok, prompts)
+    assert bool(engine.last_flips.all())  # every position perturbed
+    diff = _max_abs_diff(out["logprobs"], _trainer_logps(model, prompts, out["completion_ids"]))
+    assert diff > 1.0  # sigma = 8 logit noise: the reported distribution is far from the trainer's
+
+
+def test_precision_rollout_runs_in_bf16_with_a_small_mismatch(tiny):
+    tok, model, prompts = tiny
+    engine = MismatchRollout("precision")
+    engine.sync(model, step=0)
+    assert next(engine.model.parameters()).dtype == torch.bfloat16
+    assert next(model.parameters()).dtype == torch.float32  # the trainer's model is untouched
+    out = _generate(engine, tok, prompts)
+    diff = _max_abs_diff(out["logprobs"], _trainer_logps(model, prompts, out["completion_ids"]))
+    assert 1e-5 < diff < 0.1
+
+
+@pytest.mark.parametrize("k", [0, 2])
+def test_stale_weights_are_k_steps_old(tiny, k):
+    _, model, _ = tiny
+    policy = type(model)(model.config)
+    policy.load_state_dict(model.state_dict())
+    engine = MismatchRollout("stale", stale_k=k)
+    history = []
+    for step in range(4):  # an "optimizer step" between syncs: every weight moves
+        with torch.no_grad():
+            for p in policy.parameters():
+                p.add_(0.01 * (step + 1))
+        history.append({n: t.clone() for n, t in policy.state_dict().items()})
+        engine.sync(policy, step=step)
+        want = max(0, step - k)
+        assert engine.weights_step == want
+        for name, tensor in engine.model.state_dict().items():
+            assert torch.equal(tensor, history[want][name]), (step, name)
+    if k > 0:  # the stale copy really differs from the current weights
+        assert not torch.equal(engine.model.lm_head.weight, policy.lm_head.weight)
+
+
+def test_the_rollout_copy_does_not_follow_later_weight_changes(tiny):
+    """The engine samples with its own copy (a deep copy would keep a patched `forward` bound to the original)."""
+    tok, model, prompts = tiny
+    policy = type(model)(model.config)
+    policy.load_state_dict(model.state_dict())
+    engine = MismatchRollout("none")
+    engine.sync(policy, step=0)
+    before = _generate(engine, tok, prompts, seed=3)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.mul_(0.0)
+    after = _generate(engine, tok, prompts, seed=3)
+    assert before == after
+
+
+def test_topk_output_and_bad_arguments(tiny):
+    tok, model, prompts = tiny
+    engine = MismatchRollout("none", topk=4)
+    engine.sync(model, step=0)
+    out = _generate(engine, tok, prompts)
+    for ids, lps, tids in zip(out["completion_ids"], out["topk_logprobs"], out["topk_token_ids"], strict=True):
+        assert len(lps) == len(tids) == len(ids) and all(len(x) == 4 for x in lps)
+        assert all(a >= b for row in lps for a, b in zip(row, row[1:], strict=False))  # sorted, descending
+    with pytest.raises(ValueError, match="Unknown mismatch kind"):
+        MismatchRollout("routing")
+    with pytest.raises(ValueError, match="probability"):
+        MismatchRollout("impulse", impulse_p=1.5)
+
+
+@pytest.mark.slow
+def test_study_smoke_writes_results(tmp_path):
+    from experiments import mismatch_study
+
+    report = mismatch_study.main(["--smoke", "--out-dir", str(tmp_path)])
+    for name in ("smoke.json", "smoke_runs.csv", "smoke_summary.csv", "smoke_table.md"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    saved = json.loads((tmp_path / "smoke.json").read_text())
+    assert {"meta", "summary", "runs", "curves"} <= saved.keys()
+    runs = {r["method"]: r for r in report["runs"]}
+    assert set(runs) == {"none", "trm"} and all(r["kind"] == "impulse" for r in runs.values())
+    for r in runs.values():
+        assert 0.0 <= r["accept_rate"] <= 1.0
+        assert 0.0 <= r["eval_reward_final"] <= 1.0 and 0.0 <= r["train_reward_last"] <= 1.0
+        assert math.isfinite(r["grad_norm_max"]) and r["grad_norm_max"] >= 0
+    assert runs["none"]["accept_rate"] == 1.0  # no correction: nothing rejected
+    assert runs["trm"]["accept_rate"] < 1.0  # impulse noise (p = 0.3, sigma = 8) leaves the trust region
+    curves = {c["method"]: c["curves"] for c in saved["curves"]}
+    assert len(curves["trm"]["reward"]) == 2 and len(curves["trm"]["trm/accept_rate"]) == 2
