@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+from trainer_kwargs import base_config_kwargs, length_reward
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -24,33 +25,6 @@ def toy_dataset():
     from datasets import Dataset
 
     return Dataset.from_list([{"prompt": f"{i}+{i % 7}="} for i in range(64)])
-
-
-def length_reward(completions, **kwargs):
-    """Reward in [0, 1] that varies between completions, so advantages are non-zero."""
-    return [min(len(c), 40) / 40 for c in completions]
-
-
-def base_config_kwargs(output_dir, **overrides):
-    """TRMConfig kwargs for fast CPU runs: bf16 autocast on CPU gives a real rollout/training mismatch."""
-    kwargs = dict(
-        output_dir=str(output_dir),
-        use_cpu=True,
-        bf16=True,
-        per_device_train_batch_size=4,
-        num_generations=4,
-        max_completion_length=12,
-        learning_rate=1e-2,
-        max_steps=2,
-        logging_steps=1,
-        report_to=[],
-        gradient_checkpointing=False,
-        save_strategy="no",
-        seed=0,
-        temperature=1.0,
-    )
-    kwargs.update(overrides)
-    return kwargs
 
 
 @pytest.fixture

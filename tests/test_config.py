@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import base_config_kwargs, length_reward
+from trainer_kwargs import base_config_kwargs, length_reward
 
 
 def _config(tmp_path, **overrides):

@@ -8,38 +8,21 @@ from __future__ import annotations
 import math
 
 import torch
-
-
-def length_reward(completions, **kwargs):
-    """Reward in [0, 1] that varies between completions, so advantages are non-zero."""
-    return [min(len(c), 40) / 40 for c in completions]
+from trainer_kwargs import base_config_kwargs, length_reward  # noqa: F401  (re-exported to tests)
 
 
 def vllm_config_kwargs(output_dir, **overrides):
-    """TRMConfig kwargs for a fast colocated-vLLM CPU run. Training runs in fp32 (`bf16=False`); TRL passes no dtype
-    to vLLM, which then serves the fp32 checkpoint in bf16 on CPU: a real rollout/training mismatch."""
-    kwargs = dict(
-        output_dir=str(output_dir),
-        use_cpu=True,
+    """TRMConfig kwargs for a fast colocated-vLLM CPU run: the main suite's settings with training in fp32
+    (`bf16=False`); TRL passes no dtype to vLLM, which then serves the fp32 checkpoint in bf16 on CPU: a real
+    rollout/training mismatch."""
+    vllm = dict(
         bf16=False,
-        per_device_train_batch_size=4,
-        num_generations=4,
-        max_completion_length=12,
-        learning_rate=1e-2,
-        max_steps=2,
-        logging_steps=1,
-        report_to=[],
-        gradient_checkpointing=False,
-        save_strategy="no",
-        seed=0,
-        temperature=1.0,
         use_vllm=True,
         vllm_mode="colocate",
         vllm_max_model_length=128,  # prompt (< 16 tokens) + 12 completion tokens
         vllm_gpu_memory_utilization=0.1,  # GPU-only setting; the CPU KV cache is VLLM_CPU_KVCACHE_SPACE (conftest)
     )
-    kwargs.update(overrides)
-    return kwargs
+    return base_config_kwargs(output_dir, **{**vllm, **overrides})
 
 
 class VLLMGenerateSpy:
