@@ -30,6 +30,21 @@ class HubPublishError(RuntimeError):
     """The Hub could not be reached (offline, not logged in, no permission) while creating the repo or pushing."""
 
 
+# The way out every Hub error offers.
+PUBLISH_LATER = (
+    "or set `push_to_hub: false`: the model and its card are saved in output_dir and can be uploaded later with "
+    "`hf upload <repo_id> <output_dir>`."
+)
+
+
+def offline_push_error(repo_id: str | None) -> HubPublishError:
+    """The error for `push_to_hub` under HF_HUB_OFFLINE=1, raised before the model loads (on every rank)."""
+    return HubPublishError(
+        f"`push_to_hub` is set but HF_HUB_OFFLINE=1: {repo_id or '(hub_model_id)'} cannot be created or pushed. "
+        f"Unset HF_HUB_OFFLINE to publish, {PUBLISH_LATER}"
+    )
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return "n/a" if math.isnan(value) else f"{value:.4g}"
@@ -121,8 +136,7 @@ def hub_errors(action: str, repo_id: str | None) -> Iterator[None]:
         )
         raise HubPublishError(
             f"Could not {action} {repo_id or '(hub_model_id)'} on the Hugging Face Hub ({cause}). To publish, {fix}; "
-            "or set `push_to_hub: false`: the model and its card are saved in output_dir and can be uploaded later "
-            "with `hf upload <repo_id> <output_dir>`."
+            f"{PUBLISH_LATER}"
         ) from err
 
 
@@ -144,9 +158,3 @@ def _is_hub_failure(err: Exception) -> bool:
         }
         or modules & {"huggingface_hub", "requests", "httpx", "urllib3"}
     )
-
-
-def push_to_hub(trainer, dataset_name: str | None = None) -> str:
-    """`trainer.push_to_hub` with the dataset named on the card; returns the repo id."""
-    trainer.push_to_hub(dataset_name=dataset_name)
-    return trainer.hub_model_id

@@ -280,13 +280,9 @@ def build_trainer(script_args: TrainScriptArguments, config, model_args):
             "give one weight per reward function."
         )
     if config.push_to_hub and os.environ.get("HF_HUB_OFFLINE") == "1":  # every rank stops, before the model loads
-        from .hub import HubPublishError
+        from .hub import offline_push_error
 
-        raise HubPublishError(
-            f"`push_to_hub` is set but HF_HUB_OFFLINE=1: {config.hub_model_id or '(hub_model_id)'} cannot be created "
-            "or pushed. Unset HF_HUB_OFFLINE to publish, or set `push_to_hub: false` (the model and its card are "
-            "saved in output_dir and can be uploaded later with `hf upload <repo_id> <output_dir>`)."
-        )
+        raise offline_push_error(config.hub_model_id)
     with main_process_first():  # the main process fills the datasets cache, the others read it
         train_dataset = load_prompts(script_args, seed=config.seed)
         eval_dataset = None
@@ -322,10 +318,8 @@ def run_train(script_args: TrainScriptArguments, config, model_args):
     dataset_name = script_args.dataset_name
     if dataset_name and (dataset_name.startswith(BUILTIN_PREFIX) or os.path.exists(dataset_name)):
         dataset_name = None  # not a Hub dataset: the card does not link it
-    if config.push_to_hub:
-        from .hub import push_to_hub
-
-        push_to_hub(trainer, dataset_name=dataset_name)
+    if config.push_to_hub:  # saves the model, writes the card (TRMTrainer.create_model_card) and uploads
+        trainer.push_to_hub(dataset_name=dataset_name)
     elif trainer.accelerator.is_main_process:
         trainer.create_model_card(
             model_name=os.path.basename(os.path.normpath(config.output_dir)), dataset_name=dataset_name
