@@ -72,3 +72,108 @@ def test_accelerate_config_is_valid(path):
 
 def test_packaged_demo_recipe_equals_the_repository_copy():
     assert Path(demo_recipe_path()).read_text() == (RECIPES / "demo.yaml").read_text()
+
+
+# ---------------------------------------------------------------------- checkpointing, saving and evaluation keys
+def _parse(recipe):
+    return parse_recipe(["--config", str(recipe), "--use_cpu", "true"])
+
+
+def _raw(recipe) -> dict:
+    return yaml.safe_load(Path(recipe).read_text())
+
+
+GSM8K_RECIPES = [p for p in TRAIN_RECIPES if _raw(p).get("dataset_name") == "openai/gsm8k"]
+
+
+def test_recipe_groups_are_not_empty():
+    assert len(GSM8K_RECIPES) >= 3
+
+
+@pytest.mark.parametrize("recipe", TRAIN_RECIPES, ids=lambda p: p.name)
+def test_recipe_parses_without_a_deprecation_warning(recipe):
+    import warnings
+
+    raw = _raw(recipe)
+    assert "gradient_checkpointing" not in raw and isinstance(raw["activation_checkpointing"], bool)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # above pytest's `ignore::FutureWarning`
+        _, config, _ = _parse(recipe)
+    deprecations = [str(w.message) for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))]
+    assert not deprecations, deprecations
+    # trl reads the deprecated name: it mirrors the current one.
+    assert config.activation_checkpointing is raw["activation_checkpointing"] is config.gradient_checkpointing
+
+
+@pytest.mark.parametrize("recipe", TRAIN_RECIPES, ids=lambda p: p.name)
+def test_recipes_that_save_keep_a_bounded_number_of_checkpoints(recipe):
+    _, config, _ = _parse(recipe)
+    if config.save_strategy != "no":
+        assert config.save_total_limit is not None and 1 <= config.save_total_limit <= 3, config.save_total_limit
+
+
+@pytest.mark.parametrize("recipe", GSM8K_RECIPES, ids=lambda p: p.name)
+def test_gsm8k_recipes_evaluate_on_the_held_out_split(recipe):
+    script, config, _ = _parse(recipe)
+    assert config.eval_strategy == "steps" and config.eval_steps
+    assert script.dataset_test_split == "test" and script.dataset_train_split == "train"
+    if config.save_strategy == "steps":  # an eval at every save: the saved checkpoints have an eval_reward
+        assert config.save_steps % config.eval_steps == 0
+    group = config.num_generations_eval or config.num_generations
+    for world in (1, 2, 4, 7, 8):  # TRL requires whole groups in the global eval batch too
+        assert config.per_device_eval_batch_size * world % group == 0, world
+
+
+# ------------------------------------------------------------- the keys take effect in TRMTrainer (tiny model)
+@pytest.mark.parametrize("on", [True, False])
+def test_activation_checkpointing_takes_effect(make_trainer, on):
+    trainer = make_trainer(activation_checkpointing=on, max_steps=1)
+    assert trainer.args.gradient_checkpointing is on  # what trl reads
+    trainer.train()
+    assert trainer.model.is_activation_checkpointing is on
+
+
+def test_save_total_limit_takes_effect(make_trainer, tmp_path):
+    out = tmp_path / "ckpt"
+    trainer = make_trainer(output_dir=out, max_steps=3, save_strategy="steps", save_steps=1, save_total_limit=1)
+    trainer.train()
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3"]
+
+
+def test_an_eval_split_is_evaluated_with_its_own_group_size(tiny_model_dir, toy_dataset, tmp_path):
+    from trainer_kwargs import base_config_kwargs, length_reward
+
+    from trl_trm import TRMConfig, TRMTrainer
+
+    # An eval batch of 2 holds whole groups only with num_generations_eval=2 (training's num_generations is 4).
+    kwargs = dict(eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=2, max_steps=1)
+    args = TRMConfig(**base_config_kwargs(tmp_path / "out", num_generations_eval=2, **kwargs))
+    with pytest.raises(ValueError, match="eval batch size"):
+        TRMConfig(**base_config_kwargs(tmp_path / "out", **kwargs))
+    eval_rows = toy_dataset.select(range(6))
+    trainer = TRMTrainer(
+        model=tiny_model_dir, reward_funcs=length_reward, args=args, train_dataset=toy_dataset, eval_dataset=eval_rows
+    )
+    metrics = trainer.evaluate()
+    assert 0.0 <= metrics["eval_reward"] <= 1.0, metrics
+    assert "eval_trm/accept_rate" in metrics, sorted(metrics)
+
+
+@pytest.mark.slow
+def test_the_demo_prints_no_deprecation_warning(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "demo"
+    proc = subprocess.run(
+        [sys.executable, "-m", "trl_trm.cli", "demo", "--output_dir", str(out), "--max_steps", "5"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=tmp_path,
+    )
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    for category in ("FutureWarning", "DeprecationWarning"):
+        assert category not in log, log[-3000:]
+    assert (out / "trm_stats.png").stat().st_size > 0
