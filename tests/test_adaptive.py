@@ -349,3 +349,17 @@ def test_load_malformed_state_raises(mutate, match):
     mutate(state)
     with pytest.raises(ValueError, match=match):
         make().load_state_dict(state)
+
+
+def test_load_truncated_file_names_the_file_and_the_fix(tmp_path):
+    saved = make()
+    saved.update(0.3)
+    path = saved.save(tmp_path)
+    text = open(path, encoding="utf-8").read()
+    open(path, "w", encoding="utf-8").write(text[: len(text) // 2])  # cut short, as by a full disk
+    ctrl = make()
+    with pytest.raises(ValueError, match="is not valid JSON") as info:
+        ctrl.load(tmp_path)
+    message = str(info.value)
+    assert path in message and "earlier complete checkpoint" in message
+    assert ctrl.scale == 1.0 and ctrl.num_updates == 0  # untouched on failure

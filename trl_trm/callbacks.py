@@ -23,6 +23,15 @@ logger = logging.get_logger(__name__)
 CONTEXT_KEYS = ("reward", "reward_std", "loss", "grad_norm", "learning_rate", "epoch")
 
 
+def _free_name(path: str) -> str:
+    """`trm_stats.jsonl` -> the first free `trm_stats.N.jsonl` beside it."""
+    stem, ext = os.path.splitext(path)
+    number = 1
+    while os.path.exists(f"{stem}.{number}{ext}"):
+        number += 1
+    return f"{stem}.{number}{ext}"
+
+
 class TRMStatsCallback(TrainerCallback):
     """Records, checks and plots the masking statistics of a run.
 
@@ -52,18 +61,35 @@ class TRMStatsCallback(TrainerCallback):
         path = self.stats_path(args.output_dir)
         if not state.is_world_process_zero or not os.path.exists(path):
             return
-        # A fresh run starts a fresh file. A resumed run keeps the records up to its checkpoint and drops the ones
-        # logged after it (they are logged again).
+        if not state.global_step:
+            # A fresh run starts a fresh file; an earlier run's records are moved aside, never truncated.
+            if os.path.getsize(path) > 0:
+                kept_as = _free_name(path)
+                os.replace(path, kept_as)
+                checkpoints = sorted(n for n in os.listdir(args.output_dir) if n.startswith("checkpoint-"))
+                old = (
+                    f"; it also holds the checkpoints {checkpoints} of that run, which a later "
+                    "`resume_from_checkpoint=True` would pick up"
+                    if checkpoints
+                    else ""
+                )
+                warnings.warn(
+                    f"output_dir {args.output_dir!r} holds an earlier run: its {STATS_FILE} was moved to "
+                    f"{os.path.basename(kept_as)}{old}. Use a new output_dir per run.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            return
+        # A resumed run keeps the records up to its checkpoint and drops the ones logged after it (logged again).
         kept = []
-        if state.global_step:
-            with open(path, encoding="utf-8") as f:
-                for line in f:
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError:  # a line cut short by a crash
-                        continue
-                    if record.get("step", 0) <= state.global_step:
-                        kept.append(record)
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by a crash
+                    continue
+                if record.get("step", 0) <= state.global_step:
+                    kept.append(record)
         with open(path, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r) + "\n" for r in kept)
         self.records = kept

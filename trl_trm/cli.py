@@ -1,13 +1,14 @@
 """`trl-trm` command line (also `python -m trl_trm.cli`, e.g. under `accelerate launch`).
 
-    trl-trm train --config recipes/X.yaml [--any_field value ...]   TRMTrainer from a YAML recipe
+    trl-trm train [--config recipes/X.yaml] [--any_field value ...] TRMTrainer from a YAML recipe and/or flags
     trl-trm demo [--output_dir DIR] [--any_field value ...]        offline demo (packaged recipes/demo.yaml)
     trl-trm plot OUTPUT_DIR [--output PNG]                          redraw a run's plot from its logs
     trl-trm bounds --length 4096 --kl-tok-max 1e-4 [--kl-seq 0.01]  error-bound table
 
 Arguments and recipes are parsed by TRL's `TrlParser` from dataclasses (no hand-written YAML or flag parsing).
-Bad input (unknown recipe keys, bad values, missing reward functions or columns, an unreachable Hub) gives one
-`trl-trm <command>: error: ...` line and exit code 2.
+Bad input (a YAML error or duplicate key, unknown recipe keys, bad values, missing reward functions, trackers or
+columns, a malformed dataset file, an unreachable Hub) gives one `trl-trm <command>: error: ...` line and exit code 2;
+a run that started but cannot give a result (0 training steps, a launched run that failed) exits with code 1.
 """
 
 from __future__ import annotations
@@ -35,38 +36,42 @@ class PlotArguments:
     output: str | None = field(default=None, metadata={"help": "PNG path (default: RUN_DIR/trm_stats.png)."})
 
 
-def _split_config_flag(rest: list[str]) -> list[str]:
-    """TrlParser reads `--config PATH` only; `--config=PATH` would be ignored silently."""
-    out = []
-    for arg in rest:
-        out += ["--config", arg.split("=", 1)[1]] if arg.startswith("--config=") else [arg]
-    return out
+def _train(rest: list[str]) -> int:
+    import os
 
+    from .train import LAUNCHED_ENV, launch_with_accelerate, parse_command, run_train
 
-def _train(rest: list[str]) -> None:
-    from .train import parse_recipe, run_train
-
-    rest = _split_config_flag(rest)
-    if "--config" not in rest and "-h" not in rest:
-        if "--help" not in rest:
-            raise ValueError("no recipe: run `trl-trm train --config recipes/<name>.yaml` (see recipes/README.md).")
-    script_args, config, model_args = parse_recipe(rest)
+    (script_args, config, model_args), launch, launch_cli = parse_command(rest)
+    if launch and os.environ.get(LAUNCHED_ENV) != "1":  # `trl grpo`'s way: rerun under `accelerate launch`
+        # The launched processes get the same arguments less the launch flags given on the command line (the
+        # launch tokens are an ordered subsequence of them: remove it in order); launch keys of the recipe are
+        # ignored there.
+        script_argv, pending = [], list(launch_cli)
+        for token in rest:
+            if pending and token == pending[0]:
+                pending.pop(0)
+            else:
+                script_argv.append(token)
+        return launch_with_accelerate(launch, script_argv, config)
     trainer = run_train(script_args, config, model_args)
     trainer.accelerator.print(f"trl-trm train: done; model, card and trm_stats in {config.output_dir}")
     trainer.end()  # finish trackers, flush and destroy the process group: multi-process runs exit cleanly
+    return 0
 
 
-def _demo(rest: list[str]) -> None:
+def _demo(rest: list[str]) -> int:
     from .demo import demo_recipe_path, run_demo
-    from .train import parse_recipe
+    from .train import _split_config_flag, parse_recipe
 
-    # The packaged recipe first, so command-line flags override it (TrlParser: CLI > config file).
-    argv = ["--config", demo_recipe_path(), *_split_config_flag(rest)]
+    # The packaged recipe first, so command-line flags override it (TrlParser: CLI > config file). The demo is a
+    # throwaway run: it starts over in its output_dir unless told otherwise (`--overwrite_output_dir false`).
+    argv = ["--config", demo_recipe_path(), "--overwrite_output_dir", "true", *_split_config_flag(rest)]
     script_args, config, model_args = parse_recipe(argv, prog="trl-trm demo")
     run_demo(script_args, config, model_args)
+    return 0
 
 
-def _plot(rest: list[str]) -> None:
+def _plot(rest: list[str]) -> int:
     from trl import TrlParser
 
     from .plotting import plot_run
@@ -75,34 +80,68 @@ def _plot(rest: list[str]) -> None:
         rest = ["--run_dir", rest[0], *rest[1:]]
     (args,) = TrlParser(dataclass_types=[PlotArguments], prog="trl-trm plot").parse_args_and_config(args=rest)
     print(f"plot written to {plot_run(args.run_dir, args.output)}")
+    return 0
 
 
-def _bounds(rest: list[str]) -> None:
+def _bounds(rest: list[str]) -> int:
     from trl import TrlParser
 
     from .bounds import format_bounds_table
 
     (args,) = TrlParser(dataclass_types=[BoundsArguments], prog="trl-trm bounds").parse_args_and_config(args=rest)
     print(format_bounds_table(args.length, args.kl_tok_max, args.kl_seq, budget=args.budget))
+    return 0
 
 
 COMMANDS = {"train": _train, "demo": _demo, "plot": _plot, "bounds": _bounds}
+HELP = {
+    "train": "train TRMTrainer from a YAML recipe and/or flags, like `trl grpo` (`trl-trm train --help`)",
+    "demo": "offline demo: a tiny local model learns string reversal with TRM on CPU",
+    "plot": "redraw a run's trm_stats.png from its trm_stats.jsonl / trainer_state.json",
+    "bounds": "print the TRM error-bound table for a sequence length and KL",
+}
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("trl-trm")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "unknown (not installed: `pip install -e .`)"
+
+
+def _help() -> str:
+    width = max(map(len, COMMANDS))
+    lines = [f"usage: trl-trm {{{','.join(COMMANDS)}}} [--help] [options]  |  trl-trm --version", ""]
+    lines += [f"  {name:<{width}}  {HELP[name]}" for name in COMMANDS]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     from .hub import HubPublishError
+    from .train import TrainingError
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in COMMANDS:
-        print(f"usage: trl-trm {{{','.join(COMMANDS)}}} [--help] [options]", file=sys.stderr)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_help())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        print(f"trl-trm {_version()}")
+        return 0
+    if argv[0] not in COMMANDS:
+        print(_help(), file=sys.stderr)
+        print(f"trl-trm: error: unknown command {argv[0]!r}: use one of {', '.join(COMMANDS)}.", file=sys.stderr)
         return 2
     try:
-        COMMANDS[argv[0]](argv[1:])
+        return COMMANDS[argv[0]](argv[1:]) or 0
+    except TrainingError as err:  # the run started but gave no result
+        print(f"trl-trm {argv[0]}: error: {err}", file=sys.stderr)
+        return 1
     except (ValueError, HubPublishError, OSError, ImportError) as err:
         # Bad values, recipes, data, rewards, a model that cannot be found, an unreachable Hub: one clear line.
         print(f"trl-trm {argv[0]}: error: {err}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

@@ -10,30 +10,19 @@ autocast while the sampling log-probs are captured in fp32 at generation time: a
 from __future__ import annotations
 
 import os
-import random
 import time
 from importlib import resources
 from typing import Any
 
-from .rewards import reversal as reversal_reward  # noqa: F401  (the demo task's reward, importable from here)
+# The demo task (dataset and reward) lives in `trl_trm.tasks`; re-exported here for existing imports.
+from .tasks import reversal as reversal_reward  # noqa: F401
+from .tasks import reversal_dataset  # noqa: F401
 
 DEMO_RECIPE = "demo.yaml"
 
 
 def demo_recipe_path() -> str:
     return str(resources.files("trl_trm").joinpath("recipes", DEMO_RECIPE))
-
-
-def reversal_dataset(n: int, seed: int):
-    """`n` prompts "reverse: <word>" (2-4 letters from a-j) with the reversed word in `target`."""
-    from datasets import Dataset
-
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        word = "".join(rng.choice("abcdefghij") for _ in range(rng.randint(2, 4)))
-        rows.append({"prompt": [{"role": "user", "content": f"reverse: {word}"}], "target": word[::-1]})
-    return Dataset.from_list(rows)
 
 
 def _progress_callback(max_steps: int):
@@ -88,7 +77,7 @@ def run_demo(script_args, config, model_args) -> dict[str, Any]:
     from transformers import PrinterCallback, ProgressCallback
 
     from .plotting import PLOT_FILE
-    from .train import build_trainer
+    from .train import build_trainer, check_trained
 
     print(f"trl-trm demo: tiny model, string reversal, {config.max_steps} steps on CPU -> {config.output_dir}")
     trainer = build_trainer(script_args, config, model_args)
@@ -98,6 +87,7 @@ def run_demo(script_args, config, model_args) -> dict[str, Any]:
     start = time.perf_counter()
     trainer.train()
     elapsed = time.perf_counter() - start
+    check_trained(trainer)
     trainer.save_model(config.output_dir)
     trainer.create_model_card(model_name="trl-trm-demo")
     summary = summarize(trainer.state.log_history)

@@ -65,8 +65,10 @@ def final_accept_figures(log_history: list[dict[str, Any]]) -> dict[str, float]:
     for key, value in logs[-1].items():
         if key.startswith("trm/reject_rate/") and value is not None:
             figures[f"{key} (last log)"] = float(value)
+    # TRL logs `reward=None` for a step where every reward function returned None: shown as "n/a", not a crash.
     if "reward" in logs[-1]:
-        figures["reward (last log)"] = float(logs[-1]["reward"])
+        reward = logs[-1]["reward"]
+        figures["reward (last log)"] = float("nan") if reward is None else float(reward)
     return figures
 
 

@@ -1,11 +1,13 @@
 """Built-in reward functions (TRL signature: `f(completions, **dataset_columns) -> list[float]`) and name resolution.
 
-Recipes name rewards in `reward_funcs`: a built-in name below, or an import path `package.module:function`
+Recipes name rewards in `reward_funcs` as `trl grpo` does: a built-in name below, one of TRL's reward names
+(`accuracy_reward`, `reasoning_accuracy_reward`, `think_format_reward`, `get_soft_overlong_punishment`, resolved to
+`trl.rewards` exactly as `trl/scripts/grpo.py` does), or an import path `package.module:function`
 (`package.module.function` also works) importable from the working directory.
 
 | name | task | reward |
 |---|---|---|
-| `reversal` | `builtin:reversal` (demo) | graded in [0, 1]; 1.0 = exact reversal of the `target` column |
+| `reversal` | `builtin:reversal` (demo; defined in `trl_trm/tasks.py`) | graded in [0, 1]; 1.0 = exact reversal of the `target` column |
 | `gsm8k_accuracy` | GSM8K-style data with an `answer` column ending in `#### <number>` | 1.0 when the last number of the completion equals it, else 0.0 |
 | `hash_answer_format` | any | 1.0 when the completion ends with a `#### <number>` line, else 0.0 |
 """
@@ -18,6 +20,8 @@ import re
 import sys
 from collections.abc import Callable
 
+from .tasks import _text, reversal
+
 # A number: optional sign only at the start or after whitespace/`(`/`$`/`=`, digits with `,` groups, optional decimals.
 _NUMBER = re.compile(
     r"(?:(?<=^)|(?<=[\s($=:]))-?(?:\d[\d,]*(?:\.\d+)?|\.\d+)|(?<![\d.])\d[\d,]*(?:\.\d+)?|(?<![\d.])\.\d+"
@@ -25,29 +29,6 @@ _NUMBER = re.compile(
 # The final answer line: `#### 1,234`, `#### -3.5`, `#### $5`, `#### 7.` (trailing period or unit-free).
 _HASH_ANSWER = re.compile(r"####\s*\$?\s*(-?[\d,]*\.?\d+)\s*\.?\s*$")
 _HASH_ANY = re.compile(r"####\s*\$?\s*(-?[\d,]*\.?\d+)")
-
-
-def _text(completion) -> str:
-    """A completion is a string (standard prompts) or a list of messages (conversational prompts)."""
-    if isinstance(completion, list):
-        return completion[-1]["content"] if completion else ""
-    return completion
-
-
-def reversal(completions, target, **kwargs) -> list[float]:
-    """Exact, graded reward in [0, 1] for string reversal: half for using only the word's letters, half for matching
-    the reversal position by position (1.0 = the exact reversal and nothing else). The first half gives a random
-    model a learning signal."""
-    rewards = []
-    for completion, want in zip(completions, target, strict=True):
-        got = _text(completion).strip()
-        if not got:
-            rewards.append(0.0)
-            continue
-        letters = sum(c in want for c in got) / len(got)
-        hits = sum(a == b for a, b in zip(got, want, strict=False)) / max(len(want), len(got))
-        rewards.append(0.5 * letters + 0.5 * hits)
-    return rewards
 
 
 def _to_number(text: str) -> float | None:
@@ -95,17 +76,62 @@ BUILTIN_REWARDS: dict[str, Callable] = {
 }
 
 
+# TRL's reward names, as `trl grpo` resolves them (trl/scripts/grpo.py). The soft overlong punishment is built with the
+# same values as there, so a recipe gives the same rewards under both commands.
+TRL_REWARD_NAMES = (
+    "accuracy_reward",
+    "reasoning_accuracy_reward",
+    "think_format_reward",
+    "get_soft_overlong_punishment",
+)
+SOFT_OVERLONG_MAX_LEN, SOFT_OVERLONG_CACHE = 1280, 256
+# TRL rewards that read `completion[0]["content"]`: they need conversational prompts.
+CONVERSATIONAL_REWARDS = ("accuracy_reward", "reasoning_accuracy_reward", "think_format_reward")
+# TRL rewards that need `math_verify` at call time (they would fail at the first reward, mid-training).
+MATH_VERIFY_REWARDS = ("accuracy_reward", "reasoning_accuracy_reward")
+
+
+def _trl_reward(name: str) -> Callable:
+    import trl.rewards
+
+    if name in MATH_VERIFY_REWARDS:
+        from trl.import_utils import is_math_verify_available
+
+        if not is_math_verify_available():
+            raise ValueError(
+                f"Reward function {name!r} (trl.rewards) needs the `math_verify` package, which is not installed: "
+                "`pip install math-verify`, or use another reward function."
+            )
+    if name == "get_soft_overlong_punishment":
+        return trl.rewards.get_soft_overlong_punishment(
+            max_completion_len=SOFT_OVERLONG_MAX_LEN, soft_punish_cache=SOFT_OVERLONG_CACHE
+        )
+    return getattr(trl.rewards, name)
+
+
 def resolve_reward_funcs(names: list[str] | None) -> list[Callable]:
-    """Turn recipe names into callables; raises ValueError naming the entry and the fix."""
+    """Turn recipe names into callables; raises ValueError naming the entry and the fix.
+
+    Args:
+        names: built-in names (`BUILTIN_REWARDS`), TRL's reward names (`TRL_REWARD_NAMES`) or import paths
+            `package.module:function` / `package.module.function`.
+
+    Returns:
+        The reward functions, in the order given.
+    """
     if not names:
         raise ValueError(
             "No reward function given: set `reward_funcs` in the recipe (a list), e.g. `reward_funcs: [gsm8k_accuracy]` "
-            f"(built-ins: {', '.join(BUILTIN_REWARDS)}) or `reward_funcs: [my_pkg.rewards:my_reward]`."
+            f"(built-ins: {', '.join(BUILTIN_REWARDS)}; TRL's: {', '.join(TRL_REWARD_NAMES)}) or "
+            "`reward_funcs: [my_pkg.rewards:my_reward]`, or a reward model in `reward_model_name_or_path`."
         )
     funcs = []
     for name in names:
         if name in BUILTIN_REWARDS:
             funcs.append(BUILTIN_REWARDS[name])
+            continue
+        if name in TRL_REWARD_NAMES:
+            funcs.append(_trl_reward(name))
             continue
         if ":" in name:
             module_name, _, attr = name.partition(":")
@@ -113,8 +139,8 @@ def resolve_reward_funcs(names: list[str] | None) -> list[Callable]:
             module_name, _, attr = name.rpartition(".")
         else:
             raise ValueError(
-                f"Unknown reward function {name!r}: use a built-in name ({', '.join(BUILTIN_REWARDS)}) or an import "
-                "path `package.module:function`."
+                f"Unknown reward function {name!r}: use a built-in name ({', '.join(BUILTIN_REWARDS)}), one of TRL's "
+                f"({', '.join(TRL_REWARD_NAMES)}) or an import path `package.module:function`."
             )
         if os.getcwd() not in sys.path:  # recipes name modules next to them, as `trl grpo` does
             sys.path.insert(0, os.getcwd())
