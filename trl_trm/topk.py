@@ -34,6 +34,11 @@ completion position (:func:`head_logprobs_at`, in row chunks of at most `HEAD_CH
 forward pass runs; the extra cost is one gradient-free LM-head projection of the completion tokens. The mask is
 computed without gradient anyway, so the gradient of the loss is unchanged.
 
+Sampler processors (:mod:`trl_trm.processors`, `docs/samplers.md`): the rollout's log-probs are processed (top-k /
+top-p / min-p / repetition penalty). With a :class:`~trl_trm.processors.SamplerProcessors` the capture applies them
+to the same projected logits, one block of rows at a time, and returns the processed log π_θ at its ids (the sampled
+token alone, ``ids = completion_ids[..., None]``, or the top-k ids and the sampled token): O(B·T·(k+1)) results.
+
 Everything here but :class:`FusedHeadCapture` (which patches TRL) is pure torch.
 """
 
@@ -46,6 +51,7 @@ from dataclasses import dataclass
 import torch
 
 from .masking import topk_token_kl
+from .processors import PROCESSOR_CHUNK_ELEMENTS, SamplerProcessors, first_occurrence
 
 BATCH_KEYS = ("trm_topk_logprobs", "trm_topk_ids", "trm_topk_mask")
 """Keys of the padded (B, T, k) top-k tensors in TRL's batch dict."""
@@ -276,12 +282,26 @@ def rollout_topk_kl(
         when the valid ids cover the vocabulary; NaN where a used log-prob is NaN (see
         :func:`trl_trm.masking.topk_token_kl`).
     """
+    roll, mask = rollout_topk_outcomes(topk_logprobs, topk_ids, topk_mask, sampling_logprobs, completion_ids)
+    return topk_token_kl(roll, theta_logprobs, mask)
+
+
+def rollout_topk_outcomes(
+    topk_logprobs: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_mask: torch.Tensor,
+    sampling_logprobs: torch.Tensor,
+    completion_ids: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T, k + 1) log π_roll at :func:`ids_with_sampled` and the (B, T, k + 1) mask of the distinct outcomes: the
+    valid top-k ids, plus the sampled id when it is not among them (the outcomes of :func:`rollout_topk_kl` and of
+    the χ² lower bound :func:`trl_trm.masking.topk_token_chi2`)."""
     in_topk = ((topk_ids == completion_ids.unsqueeze(-1)) & topk_mask).any(dim=-1)  # (B, T)
     # Kept in the inputs' precision (not widened): `topk_token_kl` sizes its rounding slack from the input dtype.
     dtype = torch.promote_types(topk_logprobs.dtype, sampling_logprobs.dtype)
     roll = torch.cat([topk_logprobs.to(dtype), sampling_logprobs.to(dtype).unsqueeze(-1)], dim=-1)  # (B, T, k+1)
     mask = torch.cat([topk_mask, ~in_topk.unsqueeze(-1)], dim=-1)  # (B, T, k+1)
-    return topk_token_kl(roll, theta_logprobs, mask)
+    return roll, mask
 
 
 def head_logprobs_at(
@@ -295,16 +315,29 @@ def head_logprobs_at(
     logit_scale: float = 1.0,
     compute_dtype: torch.dtype | None = None,
     max_chunk_elements: int | None = None,
+    processors: SamplerProcessors | None = None,
+    first_seen: torch.Tensor | None = None,
+    row_sequence: torch.Tensor | None = None,
+    row_position: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """log softmax_v(z) at ``ids`` for z = softcap(logit_scale · (hidden @ weight.T + bias)) / temperature, the
-    distribution TRL's fused LM head scores, without gradient.
+    distribution TRL's fused LM head scores, without gradient; with ``processors``, the log-probs of the sampler's
+    processed distribution instead (``processors.logprobs_at`` on z before temperature: the processors carry their
+    own temperature, the generation one).
 
     The projection runs in ``compute_dtype`` (the autocast dtype during training, as TRL's head), the softmax in
     float32, in blocks of rows so that at most ``max_chunk_elements`` (default: the module's
-    :data:`HEAD_CHUNK_ELEMENTS`, read at call time) logits exist at once.
+    :data:`HEAD_CHUNK_ELEMENTS`, read at call time; with processors, which sort, at most
+    :data:`trl_trm.processors.PROCESSOR_CHUNK_ELEMENTS`) logits exist at once.
 
     Args:
         hidden: (N, H) final hidden states. weight: (V, H). bias: (V,) or None. ids: (N, K) long, < V.
+        processors: the sampler's processors, or None (temperature only).
+        first_seen: (S, V) long, with a repetition penalty: :func:`trl_trm.processors.first_occurrence` of the
+            S sequences the rows belong to.
+        row_sequence, row_position: (N,) long, with a repetition penalty: each row's sequence (index into
+            ``first_seen``) and completion position; token v is in row n's context iff
+            ``first_seen[row_sequence[n], v] < row_position[n]``.
 
     Returns:
         (N, K) float32 log π_θ(ids | c).
@@ -316,8 +349,13 @@ def head_logprobs_at(
         return out
     if bool((ids >= vocab).any()) or bool((ids < 0).any()):
         raise ValueError(f"Rollout top-k token ids must lie in [0, {vocab}) (the LM head's vocabulary).")
+    context = processors is not None and processors.uses_context
+    if context and (first_seen is None or row_sequence is None or row_position is None):
+        raise ValueError("A repetition penalty needs `first_seen`, `row_sequence` and `row_position`.")
     cd = compute_dtype or hidden.dtype
     budget = HEAD_CHUNK_ELEMENTS if max_chunk_elements is None else max_chunk_elements
+    if processors is not None:
+        budget = min(budget, PROCESSOR_CHUNK_ELEMENTS)
     rows = max(1, min(n, budget // max(vocab, 1)))
     inv_t = 1.0 / temperature
     with torch.no_grad():
@@ -337,6 +375,14 @@ def head_logprobs_at(
             z.mul_(logit_scale)
             if final_logit_softcapping is not None:
                 z.div_(final_logit_softcapping).tanh_().mul_(final_logit_softcapping)
+            if processors is not None:
+                seen = None
+                if context:
+                    first = first_seen[row_sequence[r0:r1]]  # (r, V)
+                    seen = first < row_position[r0:r1].unsqueeze(-1)  # (r, V) token in the row's context
+                out[r0:r1] = processors.logprobs_at(z, ids[r0:r1], seen)  # (r, K)
+                del z
+                continue
             z.mul_(inv_t)
             picked = z.gather(-1, ids[r0:r1])  # (r, K)
             top = z.amax(dim=-1, keepdim=True)  # (r, 1); log-sum-exp in place: z is not needed afterwards
@@ -382,12 +428,20 @@ class FusedHeadCapture:
     (``N = rows · (L - 1)``, devices without Triton) or only the positions with a label (``N`` = number of labels,
     CUDA); the mapping is checked against the head's own targets, which must equal the sampled tokens.
 
+    With ``processors`` (:class:`~trl_trm.processors.SamplerProcessors`), the log-probs are those of the sampler's
+    processed distribution (top-k / top-p / min-p / repetition penalty, the generation temperature), the rollout's
+    like: pass ``ids = completion_ids.unsqueeze(-1)`` for the sampled token only. With a repetition penalty each
+    position's context (prompt tokens with attention 1, then the completion tokens before it) is built per row chunk
+    from ``prompt_ids`` (:func:`~trl_trm.processors.first_occurrence`, O(rows · V)).
+
     Args:
         ids: (B, T, K) long ids to score per completion position (:func:`ids_with_sampled`).
         completion_ids: (B, T) the sampled tokens (alignment check).
         attention_mask: (B, L) the prompt + completion attention mask passed to the forward.
         logits_to_keep: T.
         batch_size: TRL's row chunk size (None = the whole batch).
+        processors: the sampler's processors, or None (TRL's temperature only).
+        prompt_ids: (B, L - T) the left-padded prompts, needed when ``processors`` has a repetition penalty.
 
     After the context, :meth:`result` returns the (B, T, K) float32 log-probs (0 at padding).
     """
@@ -400,8 +454,17 @@ class FusedHeadCapture:
         logits_to_keep: int,
         batch_size: int | None = None,
         max_chunk_elements: int | None = None,
+        processors: SamplerProcessors | None = None,
+        prompt_ids: torch.Tensor | None = None,
     ) -> None:
         batch = ids.size(0)
+        if processors is not None and processors.uses_context:
+            if prompt_ids is None or prompt_ids.shape != (batch, attention_mask.size(1) - logits_to_keep):
+                raise ValueError(
+                    "The repetition penalty needs the (B, L - T) prompt ids of the forward's batch, got "
+                    f"{None if prompt_ids is None else tuple(prompt_ids.shape)} for an attention mask of shape "
+                    f"{tuple(attention_mask.shape)} and T = {logits_to_keep}."
+                )
         if ids.shape[:2] != completion_ids.shape or completion_ids.size(1) != logits_to_keep:
             raise ValueError(
                 f"Top-k ids {tuple(ids.shape)} do not match the completions {tuple(completion_ids.shape)} "
@@ -414,6 +477,8 @@ class FusedHeadCapture:
         self.logits_to_keep = logits_to_keep
         self.chunks = [(s, min(s + step, batch)) for s in range(0, batch, step)]
         self.max_chunk_elements = max_chunk_elements
+        self.processors = processors
+        self.prompt_ids = prompt_ids
         self.logprobs = torch.zeros(ids.shape, dtype=torch.float32, device=ids.device)  # (B, T, K)
         self.calls = 0
         self.vocab_size: int | None = None
@@ -476,6 +541,16 @@ class FusedHeadCapture:
             )
         ids = self.ids[start:stop].to(device)[valid]  # (n_valid, K)
         compute_dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+        first_seen = row_sequence = row_position = None
+        if self.processors is not None and self.processors.uses_context:
+            prompt_mask = attn[:, : length - t]  # (b, P) 0 = left padding, not context (as transformers / vLLM)
+            first_seen = first_occurrence(
+                self.prompt_ids[start:stop].to(device),
+                prompt_mask,
+                self.completion_ids[start:stop].to(device),
+                weight.size(0),
+            )  # (b, V)
+            row_sequence, row_position = valid.nonzero(as_tuple=True)  # (n_valid,) each, row-major like `rows`
         values = head_logprobs_at(
             hidden.detach()[rows],
             weight,
@@ -486,6 +561,10 @@ class FusedHeadCapture:
             logit_scale=logit_scale,
             compute_dtype=compute_dtype or hidden.dtype,
             max_chunk_elements=self.max_chunk_elements,
+            processors=self.processors,
+            first_seen=first_seen,
+            row_sequence=row_sequence,
+            row_position=row_position,
         )  # (n_valid, K)
         block = self.logprobs[start:stop]  # (b, T, K) view
         block[valid.to(block.device)] = values.to(block.device)
