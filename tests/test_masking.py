@@ -289,6 +289,8 @@ def test_sequence_stats_keys_and_values():
         "k3_max",
         "finite",
         "token_weight_sum",
+        "chi2_sum",
+        "ratio_m1_sum",
         *STAT_NAMES,
         "rejected_by/nonfinite",
         "rejected_by/delta_max",

@@ -113,14 +113,16 @@ def _loss_batch(trainer, reject_rows, nan_rows=()):
     }
 
 
-def _reference_loss(model, inputs, kept, loss_type, max_completion_length):
+def _reference_loss(model, inputs, kept, loss_type, max_completion_length, ratio_factor=True):
     """The masked GRPO loss written out by hand: kept rows only, normalised as `loss_type` normalises the WHOLE
     batch. With old log-probs equal to the current ones, the per-token loss is -A * exp(logp - logp.detach())."""
     ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
     logits = model(ids).logits[:, inputs["prompt_ids"].size(1) - 1 : -1].float()
     logps = torch.log_softmax(logits, -1).gather(-1, inputs["completion_ids"].unsqueeze(-1)).squeeze(-1)
     mask = inputs["completion_mask"].float()
-    per_token = -inputs["advantages"].unsqueeze(1) * torch.exp(logps - logps.detach()) * mask
+    # The seeds' estimator: kept tokens weighted by the detached pi_old / pi_roll (pi_old = pi_theta here).
+    rho = torch.exp(logps.detach() - inputs["sampling_per_token_logps"]) if ratio_factor else torch.ones_like(logps)
+    per_token = -inputs["advantages"].unsqueeze(1) * torch.exp(logps - logps.detach()) * rho * mask
     per_token = per_token * torch.tensor([1.0 if i in kept else 0.0 for i in range(4)]).unsqueeze(1)
     if loss_type == "bnpo":
         return per_token.sum() / mask.sum()
@@ -153,6 +155,7 @@ def test_gradient_is_kept_sequences_over_whole_batch_normaliser(make_trainer, lo
     assert got.keys() == want.keys() and got
     for n in want:
         torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-7, msg=n)
+    trainer._trm_flush_window("train")
     assert trainer._metrics["train"]["trm/accept_rate"][-1] == 0.5
     # the batch itself is untouched (it is reused across num_iterations)
     assert inputs["advantages"].shape == (4,)
@@ -168,6 +171,7 @@ def test_all_rejected_batch_gives_finite_zero_loss_and_zero_grad(make_trainer):
     loss.backward()
     grads = [p.grad for p in trainer.model.parameters() if p.grad is not None]
     assert grads and all(torch.count_nonzero(g) == 0 for g in grads)
+    trainer._trm_flush_window("train")
     assert trainer._metrics["train"]["trm/nonfinite_frac"][-1] == 0.25
 
 

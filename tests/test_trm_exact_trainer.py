@@ -122,6 +122,7 @@ def test_kl_from_training_forward_equals_brute_force(make_trainer, monkeypatch, 
 
 
 def _logs_metric(trainer, key):
+    trainer._trm_flush_window("train")  # the trm/ window is reduced when TRL logs
     return trainer._metrics["train"][key][-1]
 
 
@@ -242,8 +243,14 @@ def test_generation_mask_policy_reject_all(make_trainer):
 def test_permissive_threshold_trains_exactly_like_mode_none(make_trainer, tmp_path):
     reference = make_trainer(trm_mode="none", output_dir=tmp_path / "none")
     reference.train()
+    # With the plain 0/1 mask (no pi_old / pi_roll factor) an accept-all trm_exact is exactly no correction.
     exact = make_trainer(
-        trm_mode="trm_exact", trm_rollout_topk=512, trm_delta_kl=1e9, trm_delta_avg=None, output_dir=tmp_path / "x"
+        trm_mode="trm_exact",
+        trm_rollout_topk=512,
+        trm_delta_kl=1e9,
+        trm_delta_avg=None,
+        trm_ratio_factor=False,
+        output_dir=tmp_path / "x",
     )
     exact.train()
     assert _logs(exact, "trm/accept_rate") == [1.0, 1.0]

@@ -58,7 +58,15 @@ class TRMConfig(GRPOConfig):
             `geo_mask`: keep when the geometric-mean ratio lies in [low, high] (Geo-Mask notes: 1 ± 0.001…0.01).
         trm_ratio_min / trm_ratio_max (`float` or `None`, defaults to `None` / `2.0`):
             Band on ρ_t (`token_*`) or on the product ratio (`seq_*`): the rejection level of `*_mis` and the
-            truncation level C of `*_tis` (C = 2 as in the TIS literature).
+            truncation level C of `*_tis` (C = 2 as in the TIS literature). `seq_tis` also accepts
+            `trm_ratio_max="auto"`: per batch, C* = sqrt(2 (1 + χ²_seq)) with χ²_seq = mean_i e^{2 s_i} − 1 over the
+            batch's sequences on every process (the bias/variance optimum of the seeds' `003_*`), logged as
+            `trm/seq_tis_clip`.
+        trm_ratio_factor (`bool`, defaults to `True`):
+            The seeds' estimator: in the mask modes (`trm`, `trm_exact`, `geo_mask`, `seq_mis`, `token_mis`) an
+            accepted token's loss term is weighted by the detached factor π_old/π_roll, so that inside TRL's PPO
+            ratio r_t = π_θ/π_old its gradient is A·ρ_t·∇log π_θ (talk §4.5.1). `False` gives the plain 0/1 mask
+            (gradient A·r_t·∇log π_θ, the behaviour of trl-trm 0.1.0). TIS modes always truncate π_old/π_roll.
         trm_mask_policy (`str`, defaults to `"current"`):
             Which π_θ the mask compares with π_roll: `"current"` evaluates it in every loss computation against the
             policy being optimised (it also covers staleness when `num_iterations > 1` or
@@ -128,9 +136,19 @@ class TRMConfig(GRPOConfig):
         default=None,
         metadata={"help": "Lower band on rho_t (token modes) or the product ratio (seq modes). None is off."},
     )
-    trm_ratio_max: float | None = field(
+    trm_ratio_max: float | str | None = field(
         default=DEFAULT_RATIO_MAX,
-        metadata={"help": "Upper band / truncation level C on rho_t (token modes) or the product ratio (seq modes)."},
+        metadata={
+            "help": "Upper band / truncation level C on rho_t (token modes) or the product ratio (seq modes). "
+            "seq_tis also takes 'auto': C* = sqrt(2 (1 + chi2_seq)) per batch (logged as trm/seq_tis_clip)."
+        },
+    )
+    trm_ratio_factor: bool = field(
+        default=True,
+        metadata={
+            "help": "Mask modes: weight accepted tokens by the detached pi_old/pi_roll, so the gradient is "
+            "A * rho_t * grad log pi_theta (the seeds' estimator). False: plain 0/1 mask."
+        },
     )
     trm_mask_policy: str = field(
         default="current",
@@ -200,6 +218,26 @@ class TRMConfig(GRPOConfig):
                 "`trm_rollout_topk=20` (vLLM: start the server with `--max-logprobs 20` or more), or use "
                 "`trm_mode='trm'`."
             )
+        if isinstance(self.trm_ratio_max, str):  # the command line and YAML recipes give strings
+            text = self.trm_ratio_max.strip().lower()
+            if text == "auto":
+                if self.trm_mode != "seq_tis":
+                    raise ValueError(
+                        f"`trm_ratio_max='auto'` (the Seq-TIS optimal clip C*) is for `trm_mode='seq_tis'`; got "
+                        f"`trm_mode={self.trm_mode!r}`. Give a number, e.g. `trm_ratio_max=2.0`."
+                    )
+                self.trm_ratio_max = "auto"
+            elif text in ("none", "null"):
+                self.trm_ratio_max = None
+            else:
+                try:
+                    self.trm_ratio_max = float(text)
+                except ValueError:
+                    raise ValueError(
+                        f"`trm_ratio_max` must be a number, None or 'auto' (seq_tis), got {self.trm_ratio_max!r}."
+                    ) from None
+        if not isinstance(self.trm_ratio_factor, bool):
+            raise ValueError(f"`trm_ratio_factor` must be True or False, got {self.trm_ratio_factor!r}.")
         validate_thresholds(
             self.trm_mode,
             delta_max=self.trm_delta_max,
@@ -207,7 +245,7 @@ class TRMConfig(GRPOConfig):
             geo_low=self.trm_geo_low,
             geo_high=self.trm_geo_high,
             ratio_min=self.trm_ratio_min,
-            ratio_max=self.trm_ratio_max,
+            ratio_max=DEFAULT_RATIO_MAX if self.trm_ratio_max == "auto" else self.trm_ratio_max,
             delta_kl=self.trm_delta_kl,
             name_prefix="trm_",
         )
