@@ -1,6 +1,6 @@
 """`TRMTrainer`: TRL's `GRPOTrainer` with Trust Region Masking.
 
-The trainer is thin: the math lives in :mod:`trl_trm.masking`. It overrides four seams of `GRPOTrainer`
+The trainer is thin: the math lives in :mod:`trl_trm.masking`. It overrides these seams of `GRPOTrainer`
 (trl 1.16, pinned; `tests/test_seams.py` checks what we rely on) and calls `super()` in each:
 
 * `_generate_single_turn`: with plain transformers generation, records the processed sampling log-probs of the
@@ -17,6 +17,14 @@ The trainer is thin: the math lives in :mod:`trl_trm.masking`. It overrides four
   weights, and the loss normaliser (`loss_type`'s own, over the whole batch, rejected sequences included) is
   untouched. With `beta != 0`, the reference log-probs of rejected sequences are set to the current (detached)
   log-probs, so their KL term is zero in value and gradient: a rejected sequence contributes exactly zero.
+
+The weights are the seeds' estimator (:func:`~trl_trm.masking.estimator_weights`): in the mask modes an accepted
+token carries the detached factor π_old/π_roll, so inside TRL's ratio r_t = π_θ/π_old its gradient is A·ρ_t·∇log π_θ
+(`trm_ratio_factor`); TIS modes truncate π_old/π_roll (TRL's ratio already supplies π_θ/π_old). Zero-weight tokens
+also get detached entropies (no entropy-bonus gradient); the MoE router loss cannot be masked and is refused.
+
+* `log`: the `trm/` metrics are buffered per logging window (gathered per-sequence statistics of every micro-batch)
+  and reduced once here, before TRL's `log` averages its `_metrics` lists.
 
 A seam TRL does not offer: a per-token loss-weight hook inside `_compute_loss`. TRL multiplies the loss by
 `importance_sampling_ratio` only on the vLLM path; scaling the advantages is the narrowest equivalent.
@@ -36,6 +44,7 @@ second forward pass; the mask is computed without gradient anyway.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import warnings
 from typing import Any
@@ -48,8 +57,17 @@ from .callbacks import TRMStatsCallback
 from .config import TRMConfig
 from .distributed import shutdown_distributed
 from .hub import append_trm_section, hub_errors
-from .masking import TrustRegionMaskOutput, compute_trust_region_mask, summarize_mask_stats
-from .rollout import record_sampling_logprobs
+from .masking import (
+    TrustRegionMaskOutput,
+    compute_trust_region_mask,
+    estimator_weights,
+    seq_tis_auto_log_clip,
+    summarize_mask_stats,
+    topk_token_chi2,
+    topk_token_kl,
+)
+from .processors import sampler_for_trainer
+from .rollout import check_rollout_logprobs, record_sampling_logprobs
 from .topk import (
     BATCH_KEYS,
     FusedHeadCapture,
@@ -58,7 +76,7 @@ from .topk import (
     from_vllm,
     ids_with_sampled,
     pad_topk,
-    rollout_topk_kl,
+    rollout_topk_outcomes,
 )
 from .vllm_checks import vllm_engine_problems
 
@@ -72,7 +90,23 @@ class TRMTrainer(GRPOTrainer):
 
     _tag_names = ["trl", "grpo", "trm"]
 
-    def __init__(self, model, reward_funcs, args: TRMConfig | None = None, *pargs, **kwargs):
+    def __init__(
+        self,
+        model,
+        reward_funcs=None,
+        args: TRMConfig | None = None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        reward_processing_classes=None,
+        callbacks=None,
+        optimizers=(None, None),
+        quantization_config=None,
+        peft_config=None,
+        tools=None,
+        rollout_func=None,
+        environment_factory=None,
+    ):  # GRPOTrainer's signature, defaults included (tests/test_cli_errors.py pins it)
         if args is None:
             model_name = model if isinstance(model, str) else model.config._name_or_path
             args = TRMConfig(f"{model_name.split('/')[-1]}-TRM")
@@ -82,7 +116,22 @@ class TRMTrainer(GRPOTrainer):
                 f"TRMTrainer needs a `TRMConfig`, got a {kind}. Build it with `TRMConfig(**your_kwargs)`; it accepts "
                 "every GRPOConfig field plus the trm_* fields."
             )
-        super().__init__(model, reward_funcs, args, *pargs, **kwargs)
+        super().__init__(
+            model,
+            reward_funcs,
+            args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            reward_processing_classes=reward_processing_classes,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            quantization_config=quantization_config,
+            peft_config=peft_config,
+            tools=tools,
+            rollout_func=rollout_func,
+            environment_factory=environment_factory,
+        )
         if self.use_transformers_continuous_batching and self.rollout_func is None and args.trm_mode != "none":
             raise ValueError(
                 f"`trm_mode={args.trm_mode!r}` needs the rollout log-probs, but transformers continuous batching "
@@ -90,7 +139,18 @@ class TRMTrainer(GRPOTrainer):
                 "plain transformers generation (`use_transformers_continuous_batching=False`), or a `rollout_func` "
                 "that returns `logprobs`."
             )
+        if self.aux_loss_enabled and args.trm_mode != "none":
+            raise ValueError(
+                f"`trm_mode={args.trm_mode!r}` cannot mask the MoE router auxiliary loss: TRL adds it as one scalar "
+                "over every token of the micro-batch, so a rejected sequence would still move the router. Set "
+                "`router_aux_loss_coef=0.0` in the TRMConfig (or `output_router_logits=False` in the model config), "
+                "or use `trm_mode='none'`."
+            )
         self._trm_capture = not self.use_vllm and self.rollout_func is None
+        # Logging windows (`log`): gathered per-sequence statistics and counters since the last log, per mode.
+        self._trm_window: dict[str, list[dict[str, torch.Tensor]]] = {"train": [], "eval": []}
+        self._trm_window_topk: dict[str, list[float]] = {"train": [0.0, 0.0], "eval": [0.0, 0.0]}
+        self._trm_window_clip: dict[str, list[float]] = {"train": [], "eval": []}
         self._trm_loss_inputs: dict[str, Any] | None = None
         self._trm_warned_no_logprobs = False
         # `trm_rollout_topk`: per-sequence rollout top-k from the last generation turn, then for the batch being built.
@@ -100,6 +160,7 @@ class TRMTrainer(GRPOTrainer):
         if self._trm_topk > 0:
             self._trm_topk_setup()
         self._trm_check_vllm()  # vLLM must report processed log-probs, and enough of them (docs/vllm.md)
+        self._trm_processors = sampler_for_trainer(self)  # sampler processors to reproduce on π_θ (docs/samplers.md)
         # Adaptive thresholds (off by default): global accept counts of the current optimizer step.
         self._trm_adaptive = args.make_adaptive_thresholds() if args.trm_target_accept_rate is not None else None
         self._trm_step_accept = [0.0, 0.0]  # kept, counted
@@ -189,15 +250,65 @@ class TRMTrainer(GRPOTrainer):
             return self._trm_vllm_topk_turn(turn)
         if not self._trm_capture or self.use_transformers_continuous_batching:
             return super()._generate_single_turn(*turn)
+        # Every generation turn (TRL's tool loop calls this once per turn) records its own log-probs, step by step.
         unwrapped = self.accelerator.unwrap_model(self.model_wrapped)
         with record_sampling_logprobs(unwrapped, topk=self._trm_topk) as recorder:
             completion_ids, logprobs = super()._generate_single_turn(*turn)
-        if logprobs is None and recorder.logprobs is not None:
-            logprobs = [recorder.logprobs[i, : len(ids)].tolist() for i, ids in enumerate(completion_ids)]
-        if recorder.topk_ids is not None:
+        if logprobs is None:
+            logprobs = self._trm_recorded_logprobs(recorder, completion_ids)
+        if logprobs is not None and recorder.topk_ids is not None:
             lengths = [len(ids) for ids in completion_ids]
             self._trm_topk_stash = from_padded(recorder.topk_logprobs, recorder.topk_ids, lengths, self._trm_topk)
         return completion_ids, logprobs
+
+    def _trm_recorded_logprobs(self, recorder, completion_ids: list[list[int]]) -> list[list[float]] | None:
+        """One generation turn's per-token log-probs from the recorder, after checking that they belong to the
+        completion tokens TRL received (same rows, same tokens). A turn that cannot be recorded (a non-sampling
+        generation mode, or a `generate` that does not run transformers' sampler) is an error naming the cause with a
+        TRM mode; with `trm_mode="none"` it warns once and returns None (no diagnostics)."""
+        problem = None
+        if recorder.problem is not None:
+            problem = (
+                f"`generate` ran in {recorder.problem} mode, which has no per-token sampling distribution, so there "
+                "are no rollout log-probs (beam search scores are per beam, greedy decoding is deterministic). Use "
+                "multinomial sampling: remove `num_beams` (or set `num_beams=1`) and keep `do_sample=True` in "
+                "`generation_kwargs` (and in the model's `generation_config`)."
+            )
+        elif recorder.logprobs is None:
+            if not completion_ids or not any(completion_ids):
+                return [[] for _ in completion_ids]
+            problem = (
+                f"`model.generate` returned {len(completion_ids)} completions, but no token was sampled through "
+                "transformers' decoding loop (`generate` is replaced or wrapped so that `GenerationMixin.generate` "
+                "never runs, e.g. a mock returning fixed tokens), so their rollout log-probs are unknown. Call the "
+                "model's own `generate`, or supply the log-probs with a `rollout_func`."
+            )
+        else:
+            recorded = recorder.token_ids.cpu()  # (B, T_gen), one device-to-host copy
+            if recorded.size(0) != len(completion_ids):
+                problem = (
+                    f"`model.generate` recorded {recorded.size(0)} sampled rows for {len(completion_ids)} completions "
+                    "(`num_return_sequences` or a wrapped `generate` changed the rows), so the log-probs cannot be "
+                    "matched to the completions. Leave `num_return_sequences` unset (TRL repeats prompts itself)."
+                )
+            else:
+                for i, ids in enumerate(completion_ids):
+                    if len(ids) > recorded.size(1) or recorded[i, : len(ids)].tolist() != list(ids):
+                        problem = (
+                            f"Completion {i} is not the token sequence that transformers sampled (a wrapped `generate` "
+                            "changed the tokens), so its rollout log-probs are unknown. Return the sampled tokens "
+                            "unchanged, or supply the log-probs with a `rollout_func`."
+                        )
+                        break
+        if problem is None:
+            recorded_logprobs = recorder.logprobs.cpu()  # (B, T_gen) float32
+            return [recorded_logprobs[i, : len(ids)].tolist() for i, ids in enumerate(completion_ids)]
+        if self.args.trm_mode != "none":
+            raise ValueError(f"`trm_mode={self.args.trm_mode!r}` needs the rollout log-probs: {problem}")
+        if not self._trm_warned_no_logprobs:
+            warnings.warn(f"{problem} The trm/ diagnostics are skipped (trm_mode='none').", stacklevel=3)
+            self._trm_warned_no_logprobs = True
+        return None
 
     def _trm_vllm_topk_turn(self, turn: tuple):
         """vLLM with `logprobs=k`: TRL keeps `lp[0]`, which is then the most probable token's log-prob, not the sampled
@@ -237,6 +348,8 @@ class TRMTrainer(GRPOTrainer):
                 stacklevel=2,
             )
             self._trm_warned_no_logprobs = True
+        if logprobs is not None and self.rollout_func is not None:
+            check_rollout_logprobs(completion_ids, logprobs)
         if logprobs is not None:
             for i, (ids, lps) in enumerate(zip(completion_ids, logprobs, strict=True)):
                 if len(ids) != len(lps):
@@ -244,7 +357,9 @@ class TRMTrainer(GRPOTrainer):
                         f"Rollout log-probs do not match the completion: sequence {i} has {len(ids)} completion "
                         f"tokens but {len(lps)} log-probs. Return exactly one log-prob per completion token."
                     )
-        if self._trm_topk > 0:
+        if self._trm_topk > 0 and logprobs is None and self.rollout_func is None:  # trm_mode="none", warned above
+            self._trm_topk_stash = None
+        elif self._trm_topk > 0:
             if self.rollout_func is not None:  # popped: TRL would forward extra keys to the reward functions
                 extra = result[5]
                 topk = from_rollout_func(
@@ -265,21 +380,28 @@ class TRMTrainer(GRPOTrainer):
 
     # ------------------------------------------------------------------ mask
     def _trm_mask(
-        self, per_token_logps: torch.Tensor, inputs: dict[str, Any], theta_topk: torch.Tensor | None = None
+        self,
+        per_token_logps: torch.Tensor,
+        inputs: dict[str, Any],
+        theta_topk: torch.Tensor | None = None,
+        ratio_max: float | None = None,
     ) -> TrustRegionMaskOutput:
         """The mask of one batch. ``theta_topk`` (B, T, k + 1): log π_θ at the rollout top-k ids and the sampled
-        token, from a :class:`~trl_trm.topk.FusedHeadCapture`; with it, the per-token KL enters as ``kl_tok``."""
+        token, from a :class:`~trl_trm.topk.FusedHeadCapture`; with it, the per-token KL enters as ``kl_tok`` (and
+        its χ² lower bound as ``chi2_tok``). ``ratio_max`` overrides `trm_ratio_max` (the `"auto"` Seq-TIS clip)."""
         args = self.args
         sampling = inputs.get("sampling_per_token_logps")
         mask = inputs["completion_mask"]
         if "tool_mask" in inputs:
             mask = mask * inputs["tool_mask"]
-        kl_tok = None
+        kl_tok = chi2_tok = None
         if theta_topk is not None:
             topk_logprobs, topk_ids, topk_mask = (inputs[key] for key in BATCH_KEYS)
-            kl_tok = rollout_topk_kl(
-                topk_logprobs, topk_ids, topk_mask, sampling, inputs["completion_ids"], theta_topk
-            )  # (B, T)
+            roll_k, outcomes = rollout_topk_outcomes(
+                topk_logprobs, topk_ids, topk_mask, sampling, inputs["completion_ids"]
+            )  # (B, T, k + 1) each
+            kl_tok = topk_token_kl(roll_k, theta_topk, outcomes)  # (B, T)
+            chi2_tok = topk_token_chi2(roll_k, theta_topk, outcomes)  # (B, T)
         elif args.trm_mode == "trm_exact":
             raise ValueError(
                 f"`trm_mode='trm_exact'` needs the rollout top-k in the batch ({list(BATCH_KEYS)}), which is missing: "
@@ -296,32 +418,102 @@ class TRMTrainer(GRPOTrainer):
             geo_low=args.trm_geo_low,
             geo_high=args.trm_geo_high,
             ratio_min=args.trm_ratio_min,
-            ratio_max=args.trm_ratio_max,
+            ratio_max=args.trm_ratio_max if ratio_max is None else ratio_max,
             kl_tok=kl_tok,
             delta_kl=args.trm_delta_kl,
             nonfinite=args.trm_nonfinite,
+            chi2_tok=chi2_tok,
         )
 
-    def _trm_log(self, result: TrustRegionMaskOutput) -> None:
-        """Gather the per-sequence statistics of every process and append global-batch metrics to TRL's."""
+    def _trm_evaluate(
+        self,
+        mask_logps: torch.Tensor,
+        old_logps: torch.Tensor,
+        inputs: dict[str, Any],
+        theta_topk: torch.Tensor | None = None,
+    ) -> tuple[TrustRegionMaskOutput, torch.Tensor]:
+        """Mask (against ``mask_logps``, the policy the mask checks) and the (B, T) loss weights of the seeds'
+        estimator (:func:`~trl_trm.masking.estimator_weights`, built from ``old_logps`` = π_old, the policy in the
+        denominator of TRL's ratio), logged into the current window."""
+        args = self.args
+        mask = inputs["completion_mask"]
+        if "tool_mask" in inputs:
+            mask = mask * inputs["tool_mask"]
+        sampling = inputs["sampling_per_token_logps"]
+        ratio_max = args.trm_ratio_max
+        if ratio_max == "auto":
+            ratio_max = self._trm_auto_clip(old_logps, sampling, mask)
+        result = self._trm_mask(mask_logps, inputs, theta_topk, ratio_max=ratio_max)
+        weights = estimator_weights(
+            result,
+            old_logps,
+            sampling,
+            mask,
+            mode=args.trm_mode,
+            ratio_min=args.trm_ratio_min,
+            ratio_max=ratio_max,
+            ratio_factor=args.trm_ratio_factor,
+        )  # (B, T)
+        result.token_weight_sum = weights.sum(dim=-1).to(result.token_weight_sum.dtype)  # what the loss multiplies
+        self._trm_log(result, inputs.get("advantages"), mask)
+        return result, weights
+
+    def _trm_auto_clip(self, old_logps: torch.Tensor, sampling: torch.Tensor, mask: torch.Tensor) -> float:
+        """`trm_ratio_max="auto"`: C* = sqrt(2 (1 + χ²_seq)) of this batch on every process (s_i = Σ_t log π_old/π_roll,
+        the product ratio that Seq-TIS truncates), the same on every process; logged as `trm/seq_tis_clip`."""
+        mode = "train" if self.model.training else "eval"
+        log_w = torch.where(mask.bool(), old_logps.detach().double() - sampling.detach().double(), 0.0)  # (B, T)
+        seq = self.accelerator.gather(log_w.sum(dim=-1))  # (num_processes * B,)
+        clip = math.exp(seq_tis_auto_log_clip(seq))
+        self._trm_window_clip[mode].append(clip)
+        return clip
+
+    def _trm_log(
+        self, result: TrustRegionMaskOutput, advantages: torch.Tensor | None = None, mask: torch.Tensor | None = None
+    ) -> None:
+        """Gather the per-sequence statistics of every process into the logging window (reduced once, in `log`)."""
         mode = "train" if self.model.training else "eval"
         stats = result.sequence_stats()
+        if advantages is not None:  # A_i, for the surrogate estimate (a per-token (B, T) advantage: its mean)
+            if advantages.dim() == 2:
+                valid = mask.to(advantages.dtype)
+                advantages = (advantages * valid).sum(-1) / valid.sum(-1).clamp(min=1.0)
+            stats["advantage"] = advantages.detach()
         names = list(stats)
-        local = torch.stack([stats[n].float() for n in names], dim=1)  # (B, K)
+        local = torch.stack([stats[n].double() for n in names], dim=1)  # (B, K)
         gathered = self.accelerator.gather(local)  # (num_processes * B, K)
-        # Per-token KLs from a top-k with k < V are lower bounds: their metrics end in `_lb`.
-        lower_bound = self._trm_head_vocab is None or self._trm_topk < self._trm_head_vocab
-        metrics = summarize_mask_stats(
-            {n: gathered[:, j] for j, n in enumerate(names)}, kl_tok_lower_bound=lower_bound
-        )
-        for key, value in metrics.items():
-            self._metrics[mode][key].append(value)
+        self._trm_window[mode].append({n: gathered[:, j].cpu() for j, n in enumerate(names)})
         if self._trm_adaptive is not None and mode == "train":
             counted = gathered[:, names.index("length")] > 0
             self._trm_step_accept[0] += float(gathered[counted, names.index("keep")].sum())
             self._trm_step_accept[1] += float(counted.sum())
             self._metrics[mode]["trm/delta_max"].append(self._trm_adaptive.delta_max or float("nan"))
             self._metrics[mode]["trm/delta_avg"].append(self._trm_adaptive.delta_avg or float("nan"))
+
+    def _trm_flush_window(self, mode: str) -> None:
+        """Reduce the window's statistics once, each with the reduction its name states, into TRL's `_metrics` (one
+        value per key, which TRL's `log` then reports unchanged)."""
+        window, self._trm_window[mode] = self._trm_window[mode], []
+        if window:
+            names = [n for n in window[0] if all(n in entry for entry in window)]
+            stats = {n: torch.cat([entry[n] for entry in window]) for n in names}
+            # Per-token KLs from a top-k with k < V are lower bounds: their metrics end in `_lb`.
+            lower_bound = self._trm_head_vocab is None or self._trm_topk < self._trm_head_vocab
+            for key, value in summarize_mask_stats(stats, kl_tok_lower_bound=lower_bound).items():
+                self._metrics[mode][key] = [value]
+        short, valid = self._trm_window_topk[mode]
+        if valid > 0:
+            self._metrics[mode]["trm/topk_missing_frac"] = [short / valid]
+        self._trm_window_topk[mode] = [0.0, 0.0]
+        clips, self._trm_window_clip[mode] = self._trm_window_clip[mode], []
+        if clips:
+            self._metrics[mode]["trm/seq_tis_clip"] = [sum(clips) / len(clips)]
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """TRL's `log`, after reducing the `trm/` window (every micro-batch, process and iteration since the last
+        log) in one pass: a max is the window's max, a quartile is over the window's sequences."""
+        self._trm_flush_window("train" if self.model.training else "eval")
+        super().log(logs, start_time)
 
     def _trm_adapt(self) -> None:
         """At an optimizer-step boundary, move the thresholds toward the target using the step's global accept rate
@@ -338,14 +530,19 @@ class TRMTrainer(GRPOTrainer):
             completion_ids = output["completion_ids"]
             output.update(pad_topk(pending, completion_ids.size(1), self._trm_topk, completion_ids.device))
             self._trm_log_topk_coverage(output)
-        if self.args.trm_mask_policy == "generation" and "sampling_per_token_logps" in output:
+        if "sampling_per_token_logps" not in output:
+            return output
+        processors = getattr(self, "_trm_processors", None)
+        if self.args.trm_mask_policy == "generation":
             logps, theta_topk = output.get("old_per_token_logps"), None
-            if logps is None or BATCH_KEYS[1] in output:  # the top-k needs this forward's hidden states
+            if logps is None or BATCH_KEYS[1] in output or processors is not None:  # needs this forward's capture
                 logps, theta_topk = self._trm_generation_logps(output)
-            result = self._trm_mask(logps, output, theta_topk)
-            self._trm_log(result)
-            output["trm_weights"] = result.weights
+            result, weights = self._trm_evaluate(logps, logps, output, theta_topk)
+            output["trm_weights"] = weights
             output["trm_keep"] = result.keep
+        elif processors is not None and output.get("old_per_token_logps") is not None:
+            # π_old of the ρ factor under the sampler's processors, like π_roll (TRL's old log-probs have none).
+            output["trm_old_logps"] = self._trm_generation_logps(output)[0]
         return output
 
     def _trm_log_topk_coverage(self, output: dict[str, Any]) -> None:
@@ -358,23 +555,40 @@ class TRMTrainer(GRPOTrainer):
         vocab = getattr(self.model.config.get_text_config(), "vocab_size", None) or self._trm_topk
         short = (output[BATCH_KEYS[2]].sum(dim=-1) < min(self._trm_topk, vocab)) & valid  # (B, T)
         counts = self.accelerator.gather(torch.stack([short.sum(), valid.sum()]).float().unsqueeze(0)).sum(dim=0)
-        self._metrics[mode]["trm/topk_missing_frac"].append(float(counts[0] / counts[1].clamp(min=1)))
+        self._trm_window_topk[mode][0] += float(counts[0])
+        self._trm_window_topk[mode][1] += float(counts[1])
 
     def _trm_head_capture(self, inputs, attention_mask, logits_to_keep, batch_size) -> FusedHeadCapture | None:
-        """A capture of π_θ at the rollout top-k ids for this forward, when the batch carries a top-k to evaluate."""
-        if inputs is None or BATCH_KEYS[1] not in inputs or "trm_weights" in inputs:
+        """A capture of π_θ for this forward, when the batch carries a rollout top-k to evaluate (at the top-k ids and
+        the sampled token) or the sampler has processors to reproduce (at the sampled token, or with a top-k at both,
+        all under the processors: `trl_trm.processors`)."""
+        if inputs is None or "trm_weights" in inputs or "sampling_per_token_logps" not in inputs:
             return None
-        if "sampling_per_token_logps" not in inputs:
+        processors = getattr(self, "_trm_processors", None)
+        if BATCH_KEYS[1] not in inputs and processors is None:
             return None
-        ids = ids_with_sampled(inputs[BATCH_KEYS[1]], inputs["completion_ids"])  # (B, T, k + 1)
-        return FusedHeadCapture(ids, inputs["completion_ids"], attention_mask, logits_to_keep, batch_size)
+        completion_ids = inputs["completion_ids"]  # (B, T)
+        if BATCH_KEYS[1] in inputs:
+            ids = ids_with_sampled(inputs[BATCH_KEYS[1]], completion_ids)  # (B, T, k + 1)
+        else:
+            ids = completion_ids.unsqueeze(-1)  # (B, T, 1) the sampled token only
+        prompt = inputs.get("prompt_ids") if processors is not None and processors.uses_context else None  # (B, P)
+        return FusedHeadCapture(
+            ids, completion_ids, attention_mask, logits_to_keep, batch_size, processors=processors, prompt_ids=prompt
+        )
 
-    def _trm_head_result(self, capture: FusedHeadCapture | None) -> torch.Tensor | None:
+    def _trm_head_result(self, capture: FusedHeadCapture | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(theta_topk, processed_logps)``: (B, T, k + 1) log π_θ at the rollout top-k ids and the sampled token (or
+        None), and (B, T) log π_θ of the sampled tokens under the sampler's processors (None when no processor beyond
+        temperature is active: the loss forward's own log-probs are then already like with like)."""
         if capture is None:
-            return None
-        theta_topk = capture.result()  # (B, T, k + 1)
+            return None, None
+        values = capture.result()  # (B, T, k + 1), or (B, T, 1) with processors and no top-k
         self._trm_head_vocab = capture.vocab_size
-        return theta_topk
+        if capture.processors is None:
+            return values, None
+        # The sampled token is the last id (`ids_with_sampled`); a top-k has k >= 1 more, processed like the rollout's.
+        return (values if values.size(-1) > 1 else None), values[..., -1]  # (B, T, k + 1) or None, (B, T)
 
     @torch.no_grad()
     def _trm_generation_logps(self, output: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -388,7 +602,8 @@ class TRMTrainer(GRPOTrainer):
             logps, _, _ = super()._get_per_token_logps_and_entropies(
                 self.model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size
             )
-        return logps, self._trm_head_result(capture)
+        theta_topk, processed = self._trm_head_result(capture)
+        return (logps if processed is None else processed), theta_topk
 
     # ------------------------------------------------------------------ loss
     def _compute_loss(self, model, inputs):
@@ -402,38 +617,64 @@ class TRMTrainer(GRPOTrainer):
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *a, **kw):
         inputs, self._trm_loss_inputs = self._trm_loss_inputs, None  # act once, on the loss forward only
         batch_size = kw.get("batch_size", a[0] if a else None)
-        capture = self._trm_head_capture(inputs, attention_mask, logits_to_keep, batch_size)  # trm_rollout_topk
+        capture = self._trm_head_capture(inputs, attention_mask, logits_to_keep, batch_size)  # top-k / processors
         with capture or contextlib.nullcontext():
             out = super()._get_per_token_logps_and_entropies(
                 model, input_ids, attention_mask, logits_to_keep, *a, **kw
             )
-        if inputs is not None:
-            self._trm_apply(out[0], inputs, self._trm_head_result(capture))
-        return out
+        if inputs is None:
+            return out
+        theta_topk, processed = self._trm_head_result(capture)
+        weights = self._trm_apply(out[0], inputs, theta_topk, processed)
+        logps, entropies, *rest = out
+        if weights is not None and entropies is not None:
+            # The entropy bonus (`entropy_coef`, `use_adaptive_entropy`) of a zero-weight token (a rejected sequence,
+            # a token_mis-masked token) must not move the policy: its entropy keeps its value (TRL's `entropy`
+            # metric, the adaptive controller and `top_entropy_quantile` see the policy's entropy) but no gradient.
+            entropies = torch.where(weights == 0, entropies.detach(), entropies)
+        return (logps, entropies, *rest)
 
     def _trm_apply(
-        self, per_token_logps: torch.Tensor, inputs: dict[str, Any], theta_topk: torch.Tensor | None = None
-    ) -> None:
+        self,
+        per_token_logps: torch.Tensor,
+        inputs: dict[str, Any],
+        theta_topk: torch.Tensor | None = None,
+        processed_logps: torch.Tensor | None = None,
+    ) -> torch.Tensor | None:
+        """Mask the loss forward's batch in place (on the shallow copy `_compute_loss` made) and return the (B, T)
+        weights, or None when nothing is applied (`trm_mode="none"`, or no rollout log-probs).
+
+        π_θ for the mask is the loss forward's log-probs (under the sampler's processors when they are active);
+        π_old for the ρ factor is TRL's `old_per_token_logps` when it exists (its processed twin `trm_old_logps`
+        when processors are active), else the same forward's, detached (TRL's own rule, `num_iterations=1`)."""
+        mask_logps = per_token_logps if processed_logps is None else processed_logps
         if "trm_weights" in inputs:  # trm_mask_policy="generation": evaluated once, at generation time
-            weights, keep = inputs["trm_weights"], inputs["trm_keep"]
+            weights = inputs["trm_weights"]
         elif "sampling_per_token_logps" not in inputs:  # only with trm_mode="none" (checked in `_generate`)
-            return
+            return None
         else:
-            result = self._trm_mask(per_token_logps, inputs, theta_topk)
-            self._trm_log(result)
-            weights, keep = result.weights, result.keep
+            old = inputs.get("trm_old_logps")
+            if old is None:
+                old = inputs.get("old_per_token_logps")
+            if old is None:
+                old = mask_logps.detach()
+            _, weights = self._trm_evaluate(mask_logps, old, inputs, theta_topk)
         if self._trm_adaptive is not None and self.model.training and self.accelerator.sync_gradients:
             self._trm_adapt()  # after this micro-batch's mask: the new thresholds apply from the next step on
         if self.args.trm_mode == "none":
-            return
+            return None
         advantages = inputs["advantages"]
         if advantages.dim() == 1:
             advantages = advantages.unsqueeze(1)
+        # Every TRL loss type is linear in the advantage with a non-negative factor, so scaling A by w >= 0 scales the
+        # per-token policy loss (and its gradient) by w; the loss normaliser is untouched ("divide by N").
         inputs["advantages"] = advantages * weights.to(advantages.dtype)  # (B, T)
         if self.beta != 0.0 and "ref_per_token_logps" in inputs:
+            # KL to the reference of a zero-weight token: ref := current (detached), zero in value and gradient.
             inputs["ref_per_token_logps"] = torch.where(
-                keep.unsqueeze(1), inputs["ref_per_token_logps"], per_token_logps.detach()
+                weights != 0, inputs["ref_per_token_logps"], per_token_logps.detach()
             )
+        return weights
 
     # ------------------------------------------------------------------ checkpoints (adaptive thresholds)
     def _save_checkpoint(self, model, trial):
