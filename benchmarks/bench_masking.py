@@ -47,6 +47,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -59,6 +60,7 @@ from torch.profiler import ProfilerActivity, profile
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import trl_trm.masking as masking  # noqa: E402
 from trl_trm.masking import TRM_MODES, compute_trust_region_mask  # noqa: E402
 
 SIZES: list[tuple[int, int]] = [(64, 1024), (256, 4096), (256, 8192), (512, 16384)]
@@ -148,20 +150,60 @@ def calibrate_memory_method() -> None:
         raise RuntimeError(f"memory method calibration failed: peak={peak} retained={retained} (want 12e6, 4e6)")
 
 
+def all_threads(*args, **kwargs):
+    """`compute_trust_region_mask` with its CPU block loop on all of the caller's torch threads (the loop before it
+    ran on one thread; results are bit-identical): the `--all-threads` reference."""
+    saved = masking._CPU_BLOCK_THREADS
+    masking._CPU_BLOCK_THREADS = None
+    try:
+        return compute_trust_region_mask(*args, **kwargs)
+    finally:
+        masking._CPU_BLOCK_THREADS = saved
+
+
 # ---------------------------------------------------------------------------------------------------- timing
+DEVICE = torch.device("cpu")  # --device
+
+
+def _sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
+def cuda_peak_bytes(fn: Callable[[], object]) -> tuple[int, int]:
+    """(peak, retained) CUDA bytes allocated by ``fn()`` beyond those live before it (the caching allocator's
+    statistics: exact, like the CPU profiler replay)."""
+    _sync()
+    base = torch.cuda.memory_allocated(DEVICE)
+    torch.cuda.reset_peak_memory_stats(DEVICE)
+    result = fn()
+    _sync()
+    peak, retained = torch.cuda.max_memory_allocated(DEVICE) - base, torch.cuda.memory_allocated(DEVICE) - base
+    del result
+    return peak, retained
+
+
 def timed(fn: Callable[[], object]) -> float:
+    _sync()
     start = time.perf_counter()
     result = fn()
+    _sync()
     elapsed = time.perf_counter() - start
     del result
     return elapsed
 
 
 def run_case(
-    batch: int, length: int, dtype_name: str, repeats: int, variants: tuple[str, ...] = ("eager",), warmup: int = 2
+    batch: int,
+    length: int,
+    dtype_name: str,
+    repeats: int,
+    variants: tuple[str, ...] = ("eager",),
+    modes: list[str] | None = None,
+    warmup: int = 2,
 ) -> list[dict]:
     """Time the floors and every (variant, mode) (interleaved) and measure each one's peak extra memory."""
-    logp_theta, logp_roll, mask, kl_tok = make_inputs(batch, length, DTYPES[dtype_name])
+    logp_theta, logp_roll, mask, kl_tok = (t.to(DEVICE) for t in make_inputs(batch, length, DTYPES[dtype_name]))
     base_inputs = (logp_theta, logp_roll, mask)
     impls = {"eager": compute_trust_region_mask}
     if "compiled" in variants:  # one graph per (mode, dtype, shape): dynamic=False, compiled during the warm-up
@@ -169,6 +211,8 @@ def run_case(
             if hasattr(torch._dynamo.config, name):  # every graph compiled, none falls back to eager
                 setattr(torch._dynamo.config, name, 4096)
         impls["compiled"] = torch.compile(compute_trust_region_mask, dynamic=False)
+    if "all_threads" in variants:
+        impls["all_threads"] = all_threads
 
     def floor_read(extra: tuple[torch.Tensor, ...] = ()) -> Callable[[], object]:
         return lambda: [t.sum() for t in base_inputs + extra]
@@ -181,9 +225,9 @@ def run_case(
         return lambda: impls[variant](logp_theta, logp_roll, mask, mode=mode, **kwargs)
 
     fns: dict = {"floor_read": floor_read(), "floor_clone": floor_clone()}
-    if any(mode in KL_MODES for mode in TRM_MODES):  # the floor of a mode that also reads kl_tok
+    if any(mode in KL_MODES for mode in (modes or TRM_MODES)):  # the floor of a mode that also reads kl_tok
         fns.update({"floor_read+kl": floor_read((kl_tok,)), "floor_clone+kl": floor_clone((kl_tok,))})
-    cases = [(variant, mode) for variant in impls for mode in TRM_MODES]
+    cases = [(variant, mode) for variant in impls for mode in (modes or TRM_MODES)]
     errors: dict[tuple[str, str], str] = {}
     for case in cases:
         try:
@@ -212,9 +256,13 @@ def run_case(
         inputs = base_inputs + ((kl_tok,) if suffix else ())
         floor = statistics.median(times["floor_read" + suffix])
         clone = statistics.median(times["floor_clone" + suffix])
-        profiled_peak_bytes(case_fn(*case))  # first profiled call of this case: profiler warm-up
-        peak, retained = profiled_peak_bytes(case_fn(*case))
-        rss = rss_peak_extra_bytes(case_fn(*case))
+        if DEVICE.type == "cuda":
+            peak, retained = cuda_peak_bytes(case_fn(*case))
+            rss = None
+        else:
+            profiled_peak_bytes(case_fn(*case))  # first profiled call of this case: profiler warm-up
+            peak, retained = profiled_peak_bytes(case_fn(*case))
+            rss = rss_peak_extra_bytes(case_fn(*case))
         median = statistics.median(times[case])
         row.update(
             {
@@ -234,6 +282,26 @@ def run_case(
         )
         rows.append(row)
     return rows
+
+
+# ---------------------------------------------------------------------------------------------------- load
+SPIN = "import os, sys\nos.sched_setaffinity(0, {int(sys.argv[1])})\nwhile True:\n    pass\n"
+
+
+def start_load(n: int) -> list[subprocess.Popen]:
+    """``n`` competing processes, each a busy loop pinned to one core (cores 0, 1, ... in turn): the controlled load of
+    ``--load``. They run until :func:`stop_load`."""
+    cores = sorted(os.sched_getaffinity(0))
+    procs = [subprocess.Popen([sys.executable, "-c", SPIN, str(cores[i % len(cores)])]) for i in range(n)]
+    time.sleep(0.5)  # let them start spinning
+    return procs
+
+
+def stop_load(procs: list[subprocess.Popen]) -> None:
+    for proc in procs:
+        proc.kill()
+    for proc in procs:
+        proc.wait()
 
 
 # ---------------------------------------------------------------------------------------------------- report
@@ -256,6 +324,8 @@ def machine_info() -> dict:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "masking_py_sha256": hashlib.sha256(masking_py.read_bytes()).hexdigest(),
+        "device": str(DEVICE),
+        "gpu": torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else None,
     }
 
 
@@ -306,7 +376,30 @@ def main(argv: list[str] | None = None) -> dict:
         help="also time torch.compile(compute_trust_region_mask) (a reference for a fused implementation; "
         "compilation happens in the warm-up and is not timed; not a target of this benchmark)",
     )
+    parser.add_argument(
+        "--all-threads",
+        action="store_true",
+        help="also time the block loop on all torch threads (as before it ran on one), interleaved with the default",
+    )
     parser.add_argument("--repeats", type=int, default=30, help="timed repetitions per case (after 2 warm-ups)")
+    parser.add_argument(
+        "--load",
+        type=int,
+        default=0,
+        help="competing processes during the run, each a Python busy loop pinned to one core (0, 1, ...): a "
+        "controlled load (default 0: none)",
+    )
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu (default) or cuda[:N]: CUDA times synchronise around each call, memory from torch.cuda statistics",
+    )
+    parser.add_argument(
+        "--modes", nargs="+", default=None, choices=list(TRM_MODES), help="only these modes (default: all)"
+    )
+    parser.add_argument(
+        "--dtypes", nargs="+", default=None, choices=list(DTYPES), help="only these input dtypes (default: all)"
+    )
     parser.add_argument(
         "--output",
         type=Path,
@@ -316,24 +409,37 @@ def main(argv: list[str] | None = None) -> dict:
     )
     args = parser.parse_args(argv)
 
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: torch.cuda.is_available() is False on this machine.")
     torch.manual_seed(0)
-    calibrate_memory_method()
+    if DEVICE.type == "cpu":
+        calibrate_memory_method()
     sizes = {"small": SIZES[:1], "all": SIZES, "large": SIZES[-1:]}[args.sizes]
-    variants = ("eager", "compiled") if args.compiled else ("eager",)
+    variants = ("eager",) + (("compiled",) if args.compiled else ()) + (("all_threads",) if args.all_threads else ())
     if args.output is None:
         stem = (
             "bench_masking"
             + ("" if args.sizes == "all" else f"_{args.sizes}")
             + ("_compiled" if args.compiled else "")
+            + ("_all_threads" if args.all_threads else "")
+            + (f"_load{args.load}" if args.load else "")
+            + ("" if DEVICE.type == "cpu" else "_cuda")
+            + ("" if args.modes is None else "_" + "-".join(args.modes))
         )
         args.output = RESULTS / f"{stem}.json"
     load_before = os.getloadavg()
+    load_procs = start_load(args.load)
     start = time.perf_counter()
     rows: list[dict] = []
-    for batch, length in sizes:
-        for dtype_name in DTYPES:
-            print(f"... B={batch} T={length} {dtype_name}", file=sys.stderr, flush=True)
-            rows.extend(run_case(batch, length, dtype_name, args.repeats, variants))
+    try:
+        for batch, length in sizes:
+            for dtype_name in args.dtypes or DTYPES:
+                print(f"... B={batch} T={length} {dtype_name}", file=sys.stderr, flush=True)
+                rows.extend(run_case(batch, length, dtype_name, args.repeats, variants, args.modes))
+    finally:
+        stop_load(load_procs)
     elapsed = time.perf_counter() - start
     load_after = os.getloadavg()
 
@@ -342,12 +448,13 @@ def main(argv: list[str] | None = None) -> dict:
     met_x = all(r["x_floor"] <= TARGET_X_FLOOR for r in measured)
     met_t = all(r["temporaries"] <= TARGET_TEMPORARIES for r in measured)
     print(
-        f"\n## compute_trust_region_mask, CPU ({info['cpu_model']}, {info['torch_threads']} threads, "
+        f"\n## compute_trust_region_mask, {info['gpu'] or 'CPU'} ({info['cpu_model']}, {info['torch_threads']} threads, "
         f"torch {info['torch_version']})"
     )
     print(
         f"load average (1/5/15 min) before {load_before[0]:.2f}/{load_before[1]:.2f}/{load_before[2]:.2f}, "
         f"after {load_after[0]:.2f}/{load_after[1]:.2f}/{load_after[2]:.2f}; {args.repeats} repeats; "
+        f"controlled load: {args.load} busy process(es) pinned to one core each; "
         f"{elapsed:.0f} s\n"
     )
     print(markdown_table(rows))
@@ -363,7 +470,10 @@ def main(argv: list[str] | None = None) -> dict:
         "load_average_after": load_after,
         "elapsed_s": elapsed,
         "repeats": args.repeats,
-        "memory_method": "torch.profiler profile_memory=True, replay of [memory] events (bytes); RSS VmHWM cross-check",
+        "controlled_load_processes": args.load,
+        "memory_method": "torch.profiler profile_memory=True, replay of [memory] events (bytes); RSS VmHWM cross-check"
+        if DEVICE.type == "cpu"
+        else "torch.cuda.max_memory_allocated after reset_peak_memory_stats, minus memory_allocated before",
         "floor": "median time of .sum() of each input: logp_theta, logp_roll, completion_mask (int64), + kl_tok for "
         "trm_exact",
         "targets": {"x_floor": TARGET_X_FLOOR, "temporaries": TARGET_TEMPORARIES},

@@ -81,6 +81,10 @@ class TrustRegionMaskOutput:
         token_weight_sum: (B,) sum_t weights[i, t], for token-level weight statistics without gathering (B, T).
         kl_tok_max: (B,) max_t kl_tok (only when `kl_tok` is given, else None).
         kl_tok_sum: (B,) sum_t kl_tok (only when `kl_tok` is given, else None).
+        chi2_sum: (B,) sum_t (rho_t - 1)^2 over finite valid tokens (float64): the per-token chi^2 estimate's numerator.
+        ratio_m1_sum: (B,) sum_t (rho_t - 1) over finite valid tokens (float64): the sequence's term of the
+            surrogate L (talk §2.2.4), up to its advantage.
+        chi2_tok_sum: (B,) sum_t chi2_tok over finite valid tokens (only when `chi2_tok` is given, else None).
     """
 
     keep: torch.Tensor
@@ -98,6 +102,9 @@ class TrustRegionMaskOutput:
     token_weight_sum: torch.Tensor | None = None
     kl_tok_max: torch.Tensor | None = None
     kl_tok_sum: torch.Tensor | None = None
+    chi2_sum: torch.Tensor | None = None
+    ratio_m1_sum: torch.Tensor | None = None
+    chi2_tok_sum: torch.Tensor | None = None
 
     def sequence_stats(self) -> dict[str, torch.Tensor]:
         """Every per-sequence (B,) quantity as float tensors, keyed by name: what the trainer gathers across
@@ -118,6 +125,9 @@ class TrustRegionMaskOutput:
         if self.kl_tok_max is not None:
             stats["kl_tok_max"] = self.kl_tok_max
             stats["kl_tok_sum"] = self.kl_tok_sum
+        for name in ("chi2_sum", "ratio_m1_sum", "chi2_tok_sum"):
+            if getattr(self, name) is not None:
+                stats[name] = getattr(self, name)
         for name, rejected in self.rejected_by.items():
             stats[f"rejected_by/{name}"] = rejected.float()
         return stats
@@ -208,6 +218,16 @@ def _check_inputs(per_token_logps, sampling_per_token_logps, completion_mask) ->
 # and the temporaries are bounded by a block instead of the whole batch. Measured here (2 cores): 2**17 was the
 # fastest of 2**14 ... 2**18 at (256, 8192) and (512, 16384); smaller blocks pay more per-op overhead.
 _CPU_BLOCK_ELEMENTS = 1 << 17
+
+# Torch intra-op threads of the CPU block loop (None: the caller's setting). Each block is ~12 small kernels; with
+# several threads each one is a fork/join of the OpenMP team, and when another process holds one of the cores every
+# join waits for a descheduled thread. Measured here (interleaved, (512, 16384)) with one competing busy process:
+# 389 ms on 1 thread against 579 ms on 2; under heavy load 12.6 s against 29.7 s; two Python threads of one torch
+# thread each were slower still (they wait for the GIL instead). The price: 1.25x on an idle machine (218 against
+# 175 ms; benchmarks/README.md, section 5).
+# Results are bit-identical for any thread count: every op is elementwise or a per-row reduction over a block of
+# >= 2 rows, which torch does not split across threads.
+_CPU_BLOCK_THREADS: int | None = 1
 
 
 def _row_blocks(batch: int, length: int, device: torch.device) -> list[tuple[int, int]]:
@@ -355,6 +375,7 @@ def compute_trust_region_mask(
     kl_tok: torch.Tensor | None = None,
     delta_kl: float | None = DEFAULT_DELTA_KL,
     nonfinite: Literal["reject", "raise"] = "reject",
+    chi2_tok: torch.Tensor | None = None,
 ) -> TrustRegionMaskOutput:
     """Compute the per-sequence keep mask and per-token loss weights of one correction ``mode``.
 
@@ -372,6 +393,8 @@ def compute_trust_region_mask(
         delta_kl: `trm_exact` threshold on max_t kl_tok.
         nonfinite: "reject" (default) rejects sequences with a non-finite log-prob at a valid position;
             "raise" raises ``ValueError`` instead.
+        chi2_tok: (B, T) per-token chi^2(pi_theta || pi_roll) from stored rollout log-probs, e.g. from
+            :func:`topk_token_chi2`; statistics only (`chi2_tok_sum`).
 
     Returns:
         :class:`TrustRegionMaskOutput`.
@@ -394,6 +417,11 @@ def compute_trust_region_mask(
     if nonfinite not in ("reject", "raise"):
         raise ValueError(f"`nonfinite` must be 'reject' or 'raise', got {nonfinite!r}.")
     _check_inputs(per_token_logps, sampling_per_token_logps, completion_mask)
+    if chi2_tok is not None and tuple(chi2_tok.shape) != tuple(completion_mask.shape):
+        raise ValueError(
+            f"Mismatched shapes: `chi2_tok` is {tuple(chi2_tok.shape)} but `completion_mask` is "
+            f"{tuple(completion_mask.shape)}; pass one value per completion token."
+        )
     if kl_tok is not None and tuple(kl_tok.shape) != tuple(completion_mask.shape):
         raise ValueError(
             f"Mismatched shapes: `kl_tok` is {tuple(kl_tok.shape)} but `completion_mask` is "
@@ -413,30 +441,42 @@ def compute_trust_region_mask(
         rows = max((stop - start for start, stop in blocks), default=0)
         stats = _BlockStats.empty(batch, dtype, device, with_kl=kl is not None)
         weights = torch.empty(batch, length_t, dtype=dtype, device=device)  # (B, T), returned
+        band = _weight_band(mode, ratio_min, ratio_max)
+
         scratch = (
             torch.empty(rows, length_t, dtype=dtype, device=device),  # (rows, T) log-ratios
             torch.empty(rows, length_t, dtype=dtype, device=device),  # (rows, T) k3, |log rho|, kl_tok
             torch.empty(rows, length_t, dtype=torch.bool, device=device),  # (rows, T) padding
         )
-        band = _weight_band(mode, ratio_min, ratio_max)
 
         def fill(start: int, stop: int, check_finite: bool) -> None:
             _fill_row_block(
                 theta, roll, completion_mask, kl, start, stop, stats, weights, scratch, mode, band, check_finite
             )
 
-        # Fast pass: assumes every valid log-prob (and kl_tok) is finite, so the valid set is the completion mask.
-        for start, stop in blocks:
-            fill(start, stop, check_finite=False)
-        # A non-finite value at a valid position makes its row's sum non-finite: recompute those row blocks with the
-        # per-token finiteness check (rare; a finite row that merely overflowed is recomputed too, harmlessly).
-        row_sums = stats.seq_log_ratio if kl is None else stats.seq_log_ratio + stats.kl_tok_sum  # (B,)
-        bad_rows = (~torch.isfinite(row_sums)).nonzero().flatten().tolist()
-        if bad_rows:
-            bad_rows = set(bad_rows)
+        # One torch thread on CPU (see _CPU_BLOCK_THREADS), except for a single row: torch would split its reductions
+        # across the caller's threads, and a 1-row batch keeps the summation order it always had.
+        threads_before = torch.get_num_threads()
+        one_thread = _CPU_BLOCK_THREADS is not None and device.type == "cpu" and batch >= 2
+        if one_thread:
+            torch.set_num_threads(_CPU_BLOCK_THREADS)
+        try:
+            # Fast pass: assumes every valid log-prob (and kl_tok) is finite, so the valid set is the completion mask.
             for start, stop in blocks:
-                if any(start <= i < stop for i in bad_rows):
-                    fill(start, stop, check_finite=True)
+                fill(start, stop, check_finite=False)
+            # A non-finite value at a valid position makes its row's sum non-finite: recompute those row blocks with
+            # the per-token finiteness check (rare; a finite row that merely overflowed is recomputed too, harmlessly).
+            row_sums = stats.seq_log_ratio if kl is None else stats.seq_log_ratio + stats.kl_tok_sum  # (B,)
+            bad_rows = (~torch.isfinite(row_sums)).nonzero().flatten().tolist()
+            if bad_rows:
+                bad_rows = set(bad_rows)
+                for start, stop in blocks:
+                    if any(start <= i < stop for i in bad_rows):
+                        fill(start, stop, check_finite=True)
+            chi2_sum, ratio_m1_sum, chi2_tok_sum = _variance_sums(theta, roll, completion_mask, kl, chi2_tok)
+        finally:
+            if one_thread:
+                torch.set_num_threads(threads_before)
 
         length = stats.length
         num_finite = stats.num_finite
@@ -500,7 +540,186 @@ def compute_trust_region_mask(
         token_weight_sum=stats.token_weight_sum,
         kl_tok_max=stats.kl_tok_max,
         kl_tok_sum=stats.kl_tok_sum,
+        chi2_sum=chi2_sum,
+        ratio_m1_sum=ratio_m1_sum,
+        chi2_tok_sum=chi2_tok_sum,
     )
+
+
+def _variance_sums(
+    theta: torch.Tensor,
+    roll: torch.Tensor,
+    completion_mask: torch.Tensor,
+    kl: torch.Tensor | None,
+    chi2_tok: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(B,) float64 sums over the valid set of :func:`compute_trust_region_mask` (valid, finite log-probs and
+    ``kl``): sum_t (rho_t - 1)^2, sum_t (rho_t - 1) and, if given, sum_t chi2_tok. In float64 (exp(2 log rho) only
+    overflows beyond log rho = 354) and in row blocks of at most ``_CPU_BLOCK_ELEMENTS`` elements on CPU, so the
+    temporaries stay within a block."""
+    batch, length = completion_mask.shape
+    device = theta.device
+    chi2_sum = torch.zeros(batch, dtype=torch.float64, device=device)
+    ratio_m1_sum = torch.zeros(batch, dtype=torch.float64, device=device)
+    chi2_tok_sum = None if chi2_tok is None else torch.zeros(batch, dtype=torch.float64, device=device)
+    for start, stop in _row_blocks(batch, length, device):
+        lr = theta[start:stop].double() - roll[start:stop].double()  # (n, T)
+        valid = (completion_mask[start:stop] != 0) & torch.isfinite(lr)  # (n, T)
+        if kl is not None:
+            valid &= torch.isfinite(kl[start:stop])
+        rm1 = torch.where(valid, torch.expm1(lr.masked_fill_(~valid, 0.0)), 0.0)  # (n, T) rho_t - 1
+        ratio_m1_sum[start:stop] = rm1.sum(dim=-1)
+        chi2_sum[start:stop] = rm1.square_().sum(dim=-1)
+        if chi2_tok is not None:
+            chi2_tok_sum[start:stop] = torch.where(valid, chi2_tok[start:stop].double(), 0.0).sum(dim=-1)
+    return chi2_sum, ratio_m1_sum, chi2_tok_sum
+
+
+def estimator_weights(
+    result: TrustRegionMaskOutput,
+    old_per_token_logps: torch.Tensor,
+    sampling_per_token_logps: torch.Tensor,
+    completion_mask: torch.Tensor,
+    *,
+    mode: str,
+    ratio_min: float | None = None,
+    ratio_max: float | None = DEFAULT_RATIO_MAX,
+    ratio_factor: bool = True,
+) -> torch.Tensor:
+    """(B, T) per-token weights of the seeds' estimator inside a PPO-style loss whose ratio is r_t = pi_theta/pi_old.
+
+    The talk's gradient (§4.5.1) is (1/N) sum_i M_i A_i sum_t rho_t grad log pi_theta(y_t), with rho_t =
+    pi_theta/pi_roll = r_t * (pi_old/pi_roll). The loss already supplies r_t (its gradient is r_t grad log pi_theta),
+    so the weight multiplying each token's loss term carries the remaining, detached factor pi_old/pi_roll:
+
+    | mode                                              | weight_t                                                  |
+    |---------------------------------------------------|-----------------------------------------------------------|
+    | `trm`, `trm_exact`, `geo_mask`, `seq_mis`         | keep_i * exp(log pi_old - log pi_roll) (``ratio_factor``) |
+    | `token_mis`                                       | [token kept] * exp(log pi_old - log pi_roll)              |
+    | `token_tis`                                       | clamp(pi_old/pi_roll, ratio_min, ratio_max)               |
+    | `seq_tis`                                         | exp(clamp(sum_t log(pi_old/pi_roll), log min, log max))   |
+    | `none`                                            | the completion mask (no correction)                       |
+
+    With ``ratio_factor=False`` the mask modes give the plain 0/1 mask (the factor is dropped; the truncated TIS
+    weights are unaffected). In `trm` the mask bounds the factor by [e^-delta_max, e^delta_max] when pi_old is the
+    policy the mask was evaluated against (``num_iterations=1``). The weights are exactly 0 on padding and on every
+    rejected sequence (``result.keep`` False, including non-finite ones); a non-finite pi_old at a position that
+    would get a weight rejects its sequence too (weight 0 on the whole row), never a NaN.
+
+    Args:
+        result: the mask of the same batch (:func:`compute_trust_region_mask`).
+        old_per_token_logps: (B, T) log pi_old: TRL's ``old_per_token_logps``, or the loss forward's own log-probs
+            (detached) when TRL computes none. Detached here.
+        sampling_per_token_logps: (B, T) log pi_roll.
+        completion_mask: (B, T) 1 on valid tokens.
+        mode, ratio_min, ratio_max: as in :func:`compute_trust_region_mask` (the TIS truncation band).
+        ratio_factor: multiply the mask modes' 0/1 mask by pi_old/pi_roll (the default, the seeds' estimator).
+
+    Returns:
+        (B, T) weights, float32 (float64 when an input is float64).
+    """
+    if mode not in TRM_MODES:
+        raise ValueError(f"Unknown `mode` {mode!r}. Choose one of {list(TRM_MODES)}.")
+    _check_inputs(old_per_token_logps, sampling_per_token_logps, completion_mask)
+    if tuple(result.weights.shape) != tuple(completion_mask.shape):
+        raise ValueError(
+            f"Mismatched shapes: the mask's weights are {tuple(result.weights.shape)} but `completion_mask` is "
+            f"{tuple(completion_mask.shape)}: pass the mask of the same batch."
+        )
+    dtype = result.weights.dtype
+    if mode == "none":
+        return result.weights
+    if mode in SEQUENCE_MASK_MODES + ("token_mis",) and not ratio_factor:
+        return result.weights
+    with torch.no_grad():
+        log_w = old_per_token_logps.detach().to(dtype) - sampling_per_token_logps.detach().to(dtype)  # (B, T)
+        valid = completion_mask != 0  # (B, T)
+        if mode == "seq_tis":
+            lo, hi = _weight_band(mode, ratio_min, ratio_max)
+            seq = torch.where(valid, log_w, 0.0).sum(dim=-1)  # (B,) sum_t log(pi_old / pi_roll)
+            weights = torch.exp(seq.clamp(min=lo, max=hi)).unsqueeze(-1).expand_as(log_w)  # (B, T)
+            weights = torch.where(valid, weights, 0.0)
+        elif mode == "token_tis":
+            lo, hi = _weight_band(mode, ratio_min, ratio_max)
+            weights = torch.where(valid, torch.exp(log_w.clamp(min=lo, max=hi)), 0.0)  # (B, T)
+        else:  # mask modes and token_mis: the 0/1 mask times pi_old / pi_roll where the mask is 1
+            kept = result.weights != 0  # (B, T)
+            weights = torch.where(kept, torch.exp(torch.where(kept, log_w, 0.0)), 0.0)  # (B, T)
+        weights = torch.where(result.keep.unsqueeze(-1), weights, 0.0)
+        # A NaN / inf factor where a weight is due (pi_old non-finite while the mask's pi_theta was finite, or an
+        # overflowing exp): the row cannot be weighted, so it is rejected whole.
+        bad_rows = ~torch.isfinite(weights).all(dim=-1)  # (B,)
+        return torch.where(bad_rows.unsqueeze(-1), 0.0, weights)
+
+
+def seq_tis_auto_log_clip(seq_log_ratio: torch.Tensor) -> float:
+    """log C* of the Seq-TIS clip that minimises the bias/variance bound of ``003_*``: C* = sqrt(2 (1 + chi2_seq))
+    with chi2_seq = mean_i exp(2 s_i) - 1, so log C* = (log 2 + logsumexp(2 s) - log N) / 2, computed in log space
+    (never exponentiating s). ``seq_log_ratio``: (N,) finite s_i of the batch (non-finite entries are ignored).
+    C* >= sqrt(2) > 1, so the clip band always contains 1. An empty batch gives log sqrt(2)."""
+    s = seq_log_ratio.detach().double()
+    s = s[torch.isfinite(s)]
+    if s.numel() == 0:
+        return 0.5 * math.log(2.0)
+    return 0.5 * (math.log(2.0) + float(torch.logsumexp(2.0 * s, dim=0)) - math.log(s.numel()))
+
+
+def effective_sample_size(seq_log_ratio: torch.Tensor) -> float:
+    """Normalised ESS (sum_i e^{s_i})^2 / (N sum_i e^{2 s_i}) in log space: 1 = no mismatch (all s_i equal), 1/N =
+    one sequence carries the whole batch (spec "Variance diagnostics"). ``seq_log_ratio``: (N,) s_i; non-finite
+    entries are ignored; NaN for an empty batch."""
+    s = seq_log_ratio.detach().double()
+    s = s[torch.isfinite(s)]
+    if s.numel() == 0:
+        return float("nan")
+    log_ess = 2.0 * torch.logsumexp(s, dim=0) - math.log(s.numel()) - torch.logsumexp(2.0 * s, dim=0)
+    return float(torch.exp(log_ess).clamp(max=1.0))
+
+
+def topk_token_chi2(
+    rollout_topk_logprobs: torch.Tensor,
+    theta_topk_logprobs: torch.Tensor,
+    topk_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-token chi^2(pi_theta(.|c_t) || pi_roll(.|c_t)) = sum_v (q_v - p_v)^2 / p_v (p = pi_roll, q = pi_theta)
+    from the stored ids plus one "rest" bucket: a **lower bound** of the exact value (data processing), exact when
+    the ids cover the vocabulary. It is what the sample mean of (rho_t - 1)^2 estimates under pi_roll.
+
+    The rest bucket's masses 1 - sum p and 1 - sum q carry the inputs' rounding (see :func:`topk_token_kl`); the
+    rest term uses |q_rest - p_rest| shrunk by both slacks over p_rest grown by its slack, and is dropped when p_rest
+    is within rounding of 0, so the result stays below the exact value. A stored id with p = 0 and q > 0 gives +inf
+    (pi_theta puts mass where pi_roll never samples). Same shapes, dtypes and NaN convention as
+    :func:`topk_token_kl`: (B, T), NaN where a used log-prob is NaN or +inf.
+    """
+    if rollout_topk_logprobs.shape != theta_topk_logprobs.shape or rollout_topk_logprobs.dim() != 3:
+        raise ValueError(
+            f"Mismatched shapes: rollout top-k log-probs {tuple(rollout_topk_logprobs.shape)} and pi_theta log-probs "
+            f"{tuple(theta_topk_logprobs.shape)} must both be (B, T, k) over the same ids."
+        )
+    in_dtypes = (rollout_topk_logprobs.dtype, theta_topk_logprobs.dtype)
+    out_dtype = torch.float64 if torch.float64 in in_dtypes else torch.float32
+    rounding = max(torch.finfo(d).eps for d in in_dtypes)
+    with torch.no_grad():
+        log_p = rollout_topk_logprobs.detach().double()  # (B, T, k)
+        log_q = theta_topk_logprobs.detach().double()  # (B, T, k)
+        if topk_mask is not None:
+            log_p = torch.where(topk_mask, log_p, -math.inf)
+            log_q = torch.where(topk_mask, log_q, -math.inf)
+        p, q = log_p.exp(), log_q.exp()  # (B, T, k)
+        # p (q/p - 1)^2 = p expm1(log q - log p)^2; 0 where both are 0, +inf where only p is 0
+        both_zero = (p == 0) & (q == 0)
+        ratio_m1 = torch.where(p > 0, torch.expm1(log_q - log_p), math.inf)
+        head = torch.where(both_zero, 0.0, torch.where(p > 0, p * ratio_m1.square(), math.inf)).sum(dim=-1)  # (B, T)
+        k = max(log_p.size(-1), 1)
+        eps64 = torch.finfo(torch.float64).eps * k
+        slack_p = rounding * torch.where(p > 0, p * (1.0 + log_p.abs()), 0.0).sum(dim=-1) + eps64  # (B, T)
+        slack_q = rounding * torch.where(q > 0, q * (1.0 + log_q.abs()), 0.0).sum(dim=-1) + eps64  # (B, T)
+        p_rest = 1.0 - p.sum(dim=-1)  # (B, T)
+        q_rest = (1.0 - q.sum(dim=-1)).clamp(min=0.0)  # (B, T)
+        gap = ((q_rest - p_rest).abs() - slack_p - slack_q).clamp(min=0.0)  # (B, T)
+        rest = torch.where(p_rest > slack_p, gap.square() / (p_rest + slack_p), 0.0)  # (B, T)
+        corrupt = (torch.isnan(log_p) | (log_p == math.inf) | torch.isnan(log_q) | (log_q == math.inf)).any(dim=-1)
+        return torch.where(corrupt, math.nan, head + rest).to(out_dtype)  # (B, T)
 
 
 def topk_token_kl(
@@ -578,18 +797,23 @@ def _safe_max(x: torch.Tensor) -> float:
     return float(x.max()) if x.numel() > 0 else float("nan")
 
 
-def _bound_estimates(s: dict[str, torch.Tensor], prefix: str, kl_tok_lower_bound: bool = False) -> dict[str, float]:
+def _bound_estimates(
+    s: dict[str, torch.Tensor], prefix: str, kl_tok_lower_bound: bool = False, surrogate: float | None = None
+) -> dict[str, float]:
     """Error bounds (talk §2.5-2.6) for the accepted sequences. T is the longest accepted completion. With per-token
     KLs from stored rollout log-probs (`trm_exact`), D_KL^tok,max is their largest value over accepted tokens and
     D_KL^seq the mean over accepted sequences of sum_t KL_t (the KL chain rule); the keys then carry no suffix, or
     `_lb` when those KLs are lower bounds (top-k with k < V: every bound is increasing in both, so the values are
     lower bounds of the bounds at the exact KLs). Otherwise both come from sample-based k3(rho_t) and every key ends
-    in `_estimate`: estimates, not certificates."""
+    in `_estimate`: estimates, not certificates. With ``surrogate`` (the batch estimate of the masked surrogate L),
+    `bound/minorizer*` is L - min(Pinsker-Marginal, Mixed) (with `_lb` KLs it is an upper estimate of M)."""
     exact = "kl_tok_max" in s
     suffix = ("_lb" if kl_tok_lower_bound else "") if exact else "_estimate"
     keys = ("kl_tok_max", "kl_seq", "trpo", "pinsker_marginal", "mixed")
     keys = ("length",) + tuple(k + suffix for k in keys)
     accepted = (s["keep"] > 0.5) & (s["finite"] > 0.5)
+    if surrogate is not None:
+        keys = keys + ("minorizer" + suffix,)
     if not bool(accepted.any()):
         return {f"{prefix}bound/{k}": float("nan") for k in keys}
     length = float(s["length"][accepted].max())
@@ -601,7 +825,10 @@ def _bound_estimates(s: dict[str, torch.Tensor], prefix: str, kl_tok_lower_bound
         kl_seq = float((s["k3_mean"] * s["num_finite"])[accepted].mean())
     bounds = error_bounds(length, kl_tok_max, kl_seq)
     values = (length, kl_tok_max, kl_seq, bounds["trpo"], bounds["pinsker_marginal"], bounds["mixed"])
-    return {f"{prefix}bound/{k}": float(v) for k, v in zip(keys, values, strict=True)}
+    out = {f"{prefix}bound/{k}": float(v) for k, v in zip(keys[: len(values)], values, strict=True)}
+    if surrogate is not None:  # the talk's minorizer M = L - min(Pinsker-Marginal, Mixed) (§2.6.1)
+        out[f"{prefix}bound/minorizer{suffix}"] = surrogate - min(bounds["pinsker_marginal"], bounds["mixed"])
+    return out
 
 
 def summarize_mask_stats(
@@ -646,7 +873,28 @@ def summarize_mask_stats(
         out[f"{prefix}kl_tok_max{lb}/max"] = _safe_max(s["kl_tok_max"])
         out[f"{prefix}kl_tok_mean{lb}/mean"] = _safe_mean(s["kl_tok_sum"] / n_fin.clamp(min=1))
         out[f"{prefix}kl_tok_mean{lb}/max"] = _safe_max(s["kl_tok_sum"] / n_fin.clamp(min=1))
-    out.update(_bound_estimates(s, prefix, kl_tok_lower_bound))
+    # Variance diagnostics (spec "Variance diagnostics", seeds 003_*): chi^2 per token, ESS and chi^2 of the product
+    # ratio over the window's finite sequences, in log space.
+    if "chi2_sum" in s:
+        out[f"{prefix}chi2_tok"] = float(s["chi2_sum"].sum() / n_fin.sum()) if n_fin.sum() > 0 else float("nan")
+    if "chi2_tok_sum" in s:
+        lb = "_lb" if kl_tok_lower_bound else ""
+        total = n_fin.sum()
+        out[f"{prefix}chi2_tok_topk{lb}"] = float(s["chi2_tok_sum"].sum() / total) if total > 0 else float("nan")
+    finite_seq = s["seq_log_ratio"][s["finite"] > 0.5]
+    out[f"{prefix}ess"] = effective_sample_size(finite_seq)
+    if finite_seq.numel() > 0:
+        log_mean = float(torch.logsumexp(2.0 * finite_seq, dim=0)) - math.log(finite_seq.numel())
+        out[f"{prefix}chi2_seq"] = math.expm1(log_mean) if log_mean < 709.0 else math.inf
+    else:
+        out[f"{prefix}chi2_seq"] = float("nan")
+    surrogate = None
+    if "advantage" in s and "ratio_m1_sum" in s and s["keep"].numel() > 0:
+        # L_masked estimate (talk §4.5.1): (1/N) sum_i M_i A_i sum_t (rho_t - 1), rejected sequences counted in N.
+        kept = (s["keep"] > 0.5) & (s["finite"] > 0.5)
+        surrogate = float(torch.where(kept, s["advantage"] * s["ratio_m1_sum"], 0.0).sum() / s["keep"].numel())
+        out[f"{prefix}surrogate_estimate"] = surrogate
+    out.update(_bound_estimates(s, prefix, kl_tok_lower_bound, surrogate))
     # Accept rate by completion-length quartile (q1 = shortest quarter): the length-bias diagnostic.
     if length.numel() > 0:
         edges = torch.quantile(length, torch.tensor([0.25, 0.5, 0.75], dtype=length.dtype, device=length.device))
