@@ -146,6 +146,7 @@ class TRMTrainer(GRPOTrainer):
                 "`router_aux_loss_coef=0.0` in the TRMConfig (or `output_router_logits=False` in the model config), "
                 "or use `trm_mode='none'`."
             )
+        self._trm_check_sharding()
         self._trm_capture = not self.use_vllm and self.rollout_func is None
         # Logging windows (`log`): gathered per-sequence statistics and counters since the last log, per mode.
         self._trm_window: dict[str, list[dict[str, torch.Tensor]]] = {"train": [], "eval": []}
@@ -168,6 +169,19 @@ class TRMTrainer(GRPOTrainer):
         self.add_callback(
             TRMStatsCallback(args.trm_accept_rate_floor, args.trm_accept_rate_patience, plot=args.trm_plot)
         )
+
+    def _trm_check_sharding(self) -> None:
+        """Refuse an FSDP setting that Accelerate silently dropped: accelerate 1.15 switches to FSDP only for
+        accelerator process groups, so `fsdp` with `use_cpu=True` would train with plain DDP (docs/distributed.md)."""
+        from accelerate.utils import DistributedType
+
+        if self.args.fsdp and self.accelerator.distributed_type != DistributedType.FSDP:
+            raise ValueError(
+                f"`fsdp={self.args.fsdp!r}` has no effect here: Accelerate runs this job as "
+                f"{self.accelerator.distributed_type!s} (accelerate enables FSDP only on accelerator processes, not with "
+                "`use_cpu=True`), so the model would not be sharded. Remove `fsdp` / `fsdp_config`, or run on GPUs "
+                "(see docs/distributed.md)."
+            )
 
     # ------------------------------------------------------------------ vLLM start-up checks
     def _trm_check_vllm(self) -> None:
