@@ -52,3 +52,23 @@ def test_generate_and_score_keys_and_shapes(make_trainer, toy_dataset):
     assert out["prompt_ids"].shape == out["prompt_mask"].shape
     assert "importance_sampling_ratio" not in out  # TRL's own correction is off under TRMConfig
     assert TRMTrainer._generate_and_score_completions is not GRPOTrainer._generate_and_score_completions
+
+
+def test_transformers_generate_builds_processors_and_stopping_criteria_through_the_hooked_methods():
+    # trl_trm.rollout records the processed log-probs by shadowing these two GenerationMixin methods for one
+    # `generate` call: `generate` must still build its processor list and stopping criteria through them.
+    from transformers import GenerationMixin
+
+    src = inspect.getsource(GenerationMixin.generate)
+    assert "self._get_logits_processor(" in src
+    assert "self._get_stopping_criteria(" in src
+    for name in ("_get_logits_processor", "_get_stopping_criteria"):
+        assert callable(getattr(GenerationMixin, name))
+
+
+def test_trl_log_averages_metric_lists_and_clears_them():
+    # TRMTrainer.log puts one window-reduced value per trm/ key into `_metrics`; TRL's `log` must average the list
+    # (a single value passes unchanged) and clear it afterwards.
+    src = inspect.getsource(GRPOTrainer.log)
+    assert "sum(valid) / len(valid)" in src
+    assert "self._metrics[mode].clear()" in src
