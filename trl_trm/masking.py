@@ -691,35 +691,18 @@ def topk_token_chi2(
     (pi_theta puts mass where pi_roll never samples). Same shapes, dtypes and NaN convention as
     :func:`topk_token_kl`: (B, T), NaN where a used log-prob is NaN or +inf.
     """
-    if rollout_topk_logprobs.shape != theta_topk_logprobs.shape or rollout_topk_logprobs.dim() != 3:
-        raise ValueError(
-            f"Mismatched shapes: rollout top-k log-probs {tuple(rollout_topk_logprobs.shape)} and pi_theta log-probs "
-            f"{tuple(theta_topk_logprobs.shape)} must both be (B, T, k) over the same ids."
-        )
-    in_dtypes = (rollout_topk_logprobs.dtype, theta_topk_logprobs.dtype)
-    out_dtype = torch.float64 if torch.float64 in in_dtypes else torch.float32
-    rounding = max(torch.finfo(d).eps for d in in_dtypes)
+    d = _topk_distributions(rollout_topk_logprobs, theta_topk_logprobs, topk_mask)
     with torch.no_grad():
-        log_p = rollout_topk_logprobs.detach().double()  # (B, T, k)
-        log_q = theta_topk_logprobs.detach().double()  # (B, T, k)
-        if topk_mask is not None:
-            log_p = torch.where(topk_mask, log_p, -math.inf)
-            log_q = torch.where(topk_mask, log_q, -math.inf)
-        p, q = log_p.exp(), log_q.exp()  # (B, T, k)
+        log_p, log_q, p, q = d.log_p, d.log_q, d.p, d.q  # (B, T, k) each
         # p (q/p - 1)^2 = p expm1(log q - log p)^2; 0 where both are 0, +inf where only p is 0
         both_zero = (p == 0) & (q == 0)
         ratio_m1 = torch.where(p > 0, torch.expm1(log_q - log_p), math.inf)
         head = torch.where(both_zero, 0.0, torch.where(p > 0, p * ratio_m1.square(), math.inf)).sum(dim=-1)  # (B, T)
-        k = max(log_p.size(-1), 1)
-        eps64 = torch.finfo(torch.float64).eps * k
-        slack_p = rounding * torch.where(p > 0, p * (1.0 + log_p.abs()), 0.0).sum(dim=-1) + eps64  # (B, T)
-        slack_q = rounding * torch.where(q > 0, q * (1.0 + log_q.abs()), 0.0).sum(dim=-1) + eps64  # (B, T)
         p_rest = 1.0 - p.sum(dim=-1)  # (B, T)
         q_rest = (1.0 - q.sum(dim=-1)).clamp(min=0.0)  # (B, T)
-        gap = ((q_rest - p_rest).abs() - slack_p - slack_q).clamp(min=0.0)  # (B, T)
-        rest = torch.where(p_rest > slack_p, gap.square() / (p_rest + slack_p), 0.0)  # (B, T)
-        corrupt = (torch.isnan(log_p) | (log_p == math.inf) | torch.isnan(log_q) | (log_q == math.inf)).any(dim=-1)
-        return torch.where(corrupt, math.nan, head + rest).to(out_dtype)  # (B, T)
+        gap = ((q_rest - p_rest).abs() - d.slack_p - d.slack_q).clamp(min=0.0)  # (B, T)
+        rest = torch.where(p_rest > d.slack_p, gap.square() / (p_rest + d.slack_p), 0.0)  # (B, T)
+        return torch.where(d.corrupt, math.nan, head + rest).to(d.out_dtype)  # (B, T)
 
 
 def topk_token_kl(
@@ -746,6 +729,40 @@ def topk_token_kl(
         :func:`compute_trust_region_mask` rejects and counts the sequence as non-finite. A log-prob of -inf is a
         legitimate zero probability (e.g. a token removed by top-k/top-p sampling).
     """
+    d = _topk_distributions(rollout_topk_logprobs, theta_topk_logprobs, topk_mask)
+    with torch.no_grad():
+        log_p, log_q, p, q = d.log_p, d.log_q, d.p, d.q  # (B, T, k) each
+        # sum_v p (log p - log q) over stored ids; xlogy-style: a slot with p = 0 contributes 0
+        head = torch.where(p > 0, p * (log_p - log_q), 0.0).sum(dim=-1)  # (B, T)
+        # A rest mass of pi_roll within its slack is zero (with k = V, 1 - sum p is rounding noise, and a positive
+        # p_rest against q_rest ~ 0 would read as a huge KL) ...
+        p_rest = 1.0 - p.sum(dim=-1)  # (B, T)
+        p_rest = torch.where(p_rest > d.slack_p, p_rest, 0.0)
+        # ... and pi_theta's gets the slack added: the rest term decreases in q_rest, so the result stays below the
+        # exact value (a lower bound) even when 1 - sum q has lost its low digits to cancellation.
+        q_rest = (1.0 - q.sum(dim=-1)).clamp(min=0.0) + d.slack_q  # (B, T)
+        rest = torch.xlogy(p_rest, p_rest) - torch.xlogy(p_rest, q_rest)  # (B, T), 0 when p_rest = 0
+        return torch.where(d.corrupt, math.nan, (head + rest).clamp(min=0.0)).to(d.out_dtype)  # (B, T)
+
+
+@dataclass
+class _TopKDistributions:
+    """Float64 views of two top-k log-prob tensors (unused slots at -inf) with the rounding slack of their rest masses
+    and the positions holding a NaN / +inf log-prob: what :func:`topk_token_kl` and :func:`topk_token_chi2` share."""
+
+    log_p: torch.Tensor  # (B, T, k) log pi_roll
+    log_q: torch.Tensor  # (B, T, k) log pi_theta
+    p: torch.Tensor  # (B, T, k)
+    q: torch.Tensor  # (B, T, k)
+    slack_p: torch.Tensor  # (B, T) how far off 1 - sum p can be
+    slack_q: torch.Tensor  # (B, T)
+    corrupt: torch.Tensor  # (B, T) bool
+    out_dtype: torch.dtype
+
+
+def _topk_distributions(
+    rollout_topk_logprobs: torch.Tensor, theta_topk_logprobs: torch.Tensor, topk_mask: torch.Tensor | None
+) -> _TopKDistributions:
     if rollout_topk_logprobs.shape != theta_topk_logprobs.shape or rollout_topk_logprobs.dim() != 3:
         raise ValueError(
             f"Mismatched shapes: rollout top-k log-probs {tuple(rollout_topk_logprobs.shape)} and pi_theta log-probs "
@@ -753,7 +770,7 @@ def topk_token_kl(
         )
     in_dtypes = (rollout_topk_logprobs.dtype, theta_topk_logprobs.dtype)
     out_dtype = torch.float64 if torch.float64 in in_dtypes else torch.float32
-    # Relative precision of the inputs (float32 log-probs: 1.2e-7). The arithmetic below runs in float64, so the only
+    # Relative precision of the inputs (float32 log-probs: 1.2e-7). The arithmetic runs in float64, so the only
     # rounding that matters is the inputs' own.
     rounding = max(torch.finfo(d).eps for d in in_dtypes)
     with torch.no_grad():
@@ -763,8 +780,6 @@ def topk_token_kl(
             log_p = torch.where(topk_mask, log_p, -math.inf)
             log_q = torch.where(topk_mask, log_q, -math.inf)
         p, q = log_p.exp(), log_q.exp()  # (B, T, k)
-        # sum_v p (log p - log q) over stored ids; xlogy-style: a slot with p = 0 contributes 0
-        head = torch.where(p > 0, p * (log_p - log_q), 0.0).sum(dim=-1)  # (B, T)
         # The rest masses 1 - sum p and 1 - sum q inherit the inputs' rounding: a stored log-prob is off by up to
         # rounding * |log p| (plus its own rounding), i.e. p by a relative rounding * (1 + |log p|). Summed over the
         # slots, that is how far off 1 - sum p can be (a float64 k-term sum adds k * 2.2e-16).
@@ -772,17 +787,9 @@ def topk_token_kl(
         eps64 = torch.finfo(torch.float64).eps * k
         slack_p = rounding * torch.where(p > 0, p * (1.0 + log_p.abs()), 0.0).sum(dim=-1) + eps64  # (B, T)
         slack_q = rounding * torch.where(q > 0, q * (1.0 + log_q.abs()), 0.0).sum(dim=-1) + eps64  # (B, T)
-        # A rest mass of pi_roll within that slack is zero (with k = V, 1 - sum p is rounding noise, and a positive
-        # p_rest against q_rest ~ 0 would read as a huge KL) ...
-        p_rest = 1.0 - p.sum(dim=-1)  # (B, T)
-        p_rest = torch.where(p_rest > slack_p, p_rest, 0.0)
-        # ... and pi_theta's gets the slack added: the rest term decreases in q_rest, so the result stays below the
-        # exact value (a lower bound) even when 1 - sum q has lost its low digits to cancellation.
-        q_rest = (1.0 - q.sum(dim=-1)).clamp(min=0.0) + slack_q  # (B, T)
-        rest = torch.xlogy(p_rest, p_rest) - torch.xlogy(p_rest, q_rest)  # (B, T), 0 when p_rest = 0
-        # `p > 0` above is False for NaN, and NaN would vanish from the sums: flag such positions explicitly.
+        # `p > 0` is False for NaN, and NaN would vanish from the sums: such positions are flagged explicitly.
         corrupt = (torch.isnan(log_p) | (log_p == math.inf) | torch.isnan(log_q) | (log_q == math.inf)).any(dim=-1)
-        return torch.where(corrupt, math.nan, (head + rest).clamp(min=0.0)).to(out_dtype)  # (B, T)
+    return _TopKDistributions(log_p, log_q, p, q, slack_p, slack_q, corrupt, out_dtype)
 
 
 def _safe_mean(x: torch.Tensor) -> float:
