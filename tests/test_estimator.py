@@ -88,7 +88,9 @@ def _grad_norm_ratio(tiny_model_dir, toy_dataset, tmp_path, c=0.5, **overrides):
     ]
     base, shifted = (_logs(t, "grad_norm") for t in runs)
     assert len(base) == len(shifted) == 2 and all(g > 0 for g in base)
-    assert _logs(runs[1], "trm/accept_rate") == [1.0, 1.0]
+    # (with trm_mask_policy="generation" and num_iterations=2 the mask is evaluated, hence logged, once per batch)
+    accept = _logs(runs[1], "trm/accept_rate")
+    assert accept and all(a == 1.0 for a in accept)
     return [s / b for s, b in zip(shifted, base, strict=True)]
 
 
