@@ -80,16 +80,14 @@ def _trl_sequence_mask_trainer():
     `vllm_importance_sampling_correction` block): ratio_i = exp(sum_t (log pi_old - log pi_roll)) per sequence,
     set to 0 outside [clip_min, clip_max] (defaults: None, 3.0), and the per-token loss is MULTIPLIED by that ratio
     (not by 1). The config is `seq_mis` with C = 3 (same keep set, same metrics); this override only turns the 0/1
-    weights into ratio * keep. Seam: `TRMTrainer._trm_mask` (the mask of one batch), super() called. pi_old here is
+    mask into ratio * keep. Seam: `TRMTrainer._trm_weights` (the loss weights of one batch's mask). pi_old here is
     the policy at the loss, which equals TRL's pi_old because generation happens every optimizer step."""
     from trl_trm import TRMTrainer
 
     class TRLSequenceMaskTrainer(TRMTrainer):
-        def _trm_mask(self, per_token_logps, inputs, theta_topk=None):
-            result = super()._trm_mask(per_token_logps, inputs, theta_topk)
+        def _trm_weights(self, result, old_logps, sampling, mask, ratio_max):
             ratio = result.seq_log_ratio.exp().unsqueeze(-1)  # (B, 1), zero weight already outside [0, 3]
-            weights = result.weights * ratio  # (B, T)
-            return dataclasses.replace(result, weights=weights, token_weight_sum=weights.sum(dim=-1))
+            return result.weights * ratio  # (B, T): the 0/1 sequence mask times the product ratio
 
     return TRLSequenceMaskTrainer
 

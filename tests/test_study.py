@@ -150,3 +150,31 @@ def test_study_smoke_writes_results(tmp_path):
     assert runs["trm"]["accept_rate"] < 1.0  # impulse noise (p = 0.3, sigma = 8) leaves the trust region
     curves = {c["method"]: c["curves"] for c in saved["curves"]}
     assert len(curves["trm"]["reward"]) == 2 and len(curves["trm"]["trm/accept_rate"]) == 2
+
+
+def test_trl_sequence_mask_method_weights_kept_sequences_by_their_product_ratio(tmp_path, tiny_model_dir, toy_dataset):
+    """The study's emulation of TRL's `sequence_mask` (the `_trm_weights` seam): weight = keep_i * exp(s_i) on every
+    token of a kept sequence, 0 elsewhere, and `trm/token_weight/mean` reports those weights."""
+    from trainer_kwargs import base_config_kwargs, length_reward
+
+    from experiments.mismatch_study import METHODS, _trl_sequence_mask_trainer
+    from trl_trm import TRMConfig
+
+    args = TRMConfig(**base_config_kwargs(tmp_path / "out", **METHODS["trl_sequence_mask"]))
+    trainer = _trl_sequence_mask_trainer()(
+        model=tiny_model_dir, reward_funcs=length_reward, args=args, train_dataset=toy_dataset
+    )
+    trainer.model.train()
+    theta = torch.tensor([[-1.0, -2.0, -0.5], [-0.3, -0.1, -2.0], [-1.5, -1.0, -0.7]])
+    roll = theta - torch.tensor([[0.1], [0.5], [-0.2]])  # s_i = 0.3, 1.5 (> log 3: rejected), -0.6
+    batch = {
+        "completion_mask": torch.tensor([[1, 1, 1], [1, 1, 1], [1, 1, 0]]),
+        "sampling_per_token_logps": roll,
+        "advantages": torch.tensor([1.0, -1.0, 0.5]),
+    }
+    result, weights = trainer._trm_evaluate(theta, theta, batch)
+    assert result.keep.tolist() == [True, False, True]
+    want = torch.tensor([[math.exp(0.3)] * 3, [0.0] * 3, [math.exp(-0.4)] * 2 + [0.0]])
+    torch.testing.assert_close(weights, want, rtol=1e-5, atol=1e-6)
+    trainer._trm_flush_window("train")
+    assert trainer._metrics["train"]["trm/token_weight/mean"] == [pytest.approx(float(want.sum()) / 8, rel=1e-5)]

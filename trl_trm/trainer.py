@@ -397,17 +397,16 @@ class TRMTrainer(GRPOTrainer):
         self,
         per_token_logps: torch.Tensor,
         inputs: dict[str, Any],
-        theta_topk: torch.Tensor | None = None,
-        ratio_max: float | None = None,
+        mask: torch.Tensor,
+        theta_topk: torch.Tensor | None,
+        ratio_max: float | None,
     ) -> TrustRegionMaskOutput:
-        """The mask of one batch. ``theta_topk`` (B, T, k + 1): log π_θ at the rollout top-k ids and the sampled
-        token, from a :class:`~trl_trm.topk.FusedHeadCapture`; with it, the per-token KL enters as ``kl_tok`` (and
-        its χ² lower bound as ``chi2_tok``). ``ratio_max`` overrides `trm_ratio_max` (the `"auto"` Seq-TIS clip)."""
+        """The mask of one batch over ``mask`` (B, T) (completion × tool mask). ``theta_topk`` (B, T, k + 1): log π_θ at
+        the rollout top-k ids and the sampled token, from a :class:`~trl_trm.topk.FusedHeadCapture`; with it, the
+        per-token KL enters as ``kl_tok`` (and its χ² lower bound as ``chi2_tok``). ``ratio_max``: `trm_ratio_max`
+        resolved (the `"auto"` Seq-TIS clip replaced by this batch's C*)."""
         args = self.args
-        sampling = inputs.get("sampling_per_token_logps")
-        mask = inputs["completion_mask"]
-        if "tool_mask" in inputs:
-            mask = mask * inputs["tool_mask"]
+        sampling = inputs["sampling_per_token_logps"]
         kl_tok = chi2_tok = None
         if theta_topk is not None:
             topk_logprobs, topk_ids, topk_mask = (inputs[key] for key in BATCH_KEYS)
@@ -432,7 +431,7 @@ class TRMTrainer(GRPOTrainer):
             geo_low=args.trm_geo_low,
             geo_high=args.trm_geo_high,
             ratio_min=args.trm_ratio_min,
-            ratio_max=args.trm_ratio_max if ratio_max is None else ratio_max,
+            ratio_max=ratio_max,
             kl_tok=kl_tok,
             delta_kl=args.trm_delta_kl,
             nonfinite=args.trm_nonfinite,
@@ -457,8 +456,25 @@ class TRMTrainer(GRPOTrainer):
         ratio_max = args.trm_ratio_max
         if ratio_max == "auto":
             ratio_max = self._trm_auto_clip(old_logps, sampling, mask)
-        result = self._trm_mask(mask_logps, inputs, theta_topk, ratio_max=ratio_max)
-        weights = estimator_weights(
+        result = self._trm_mask(mask_logps, inputs, mask, theta_topk, ratio_max)
+        weights = self._trm_weights(result, old_logps, sampling, mask, ratio_max)  # (B, T)
+        result.token_weight_sum = weights.sum(dim=-1).to(result.token_weight_sum.dtype)  # what the loss multiplies
+        self._trm_log(result, inputs.get("advantages"), mask)
+        return result, weights
+
+    def _trm_weights(
+        self,
+        result: TrustRegionMaskOutput,
+        old_logps: torch.Tensor,
+        sampling: torch.Tensor,
+        mask: torch.Tensor,
+        ratio_max: float | None,
+    ) -> torch.Tensor:
+        """(B, T) loss weights of one batch's mask: the seeds' estimator. The one place they are built, so a subclass
+        that weights differently (e.g. `experiments/mismatch_study.py`'s emulation of TRL's `sequence_mask`) overrides
+        this, and the `trm/token_weight` metric still reports what the loss multiplies."""
+        args = self.args
+        return estimator_weights(
             result,
             old_logps,
             sampling,
@@ -467,10 +483,7 @@ class TRMTrainer(GRPOTrainer):
             ratio_min=args.trm_ratio_min,
             ratio_max=ratio_max,
             ratio_factor=args.trm_ratio_factor,
-        )  # (B, T)
-        result.token_weight_sum = weights.sum(dim=-1).to(result.token_weight_sum.dtype)  # what the loss multiplies
-        self._trm_log(result, inputs.get("advantages"), mask)
-        return result, weights
+        )
 
     def _trm_auto_clip(self, old_logps: torch.Tensor, sampling: torch.Tensor, mask: torch.Tensor) -> float:
         """`trm_ratio_max="auto"`: C* = sqrt(2 (1 + χ²_seq)) of this batch on every process (s_i = Σ_t log π_old/π_roll,
@@ -546,14 +559,12 @@ class TRMTrainer(GRPOTrainer):
             self._trm_log_topk_coverage(output)
         if "sampling_per_token_logps" not in output:
             return output
-        processors = getattr(self, "_trm_processors", None)
+        processors = self._trm_processors
         if self.args.trm_mask_policy == "generation":
             logps, theta_topk = output.get("old_per_token_logps"), None
             if logps is None or BATCH_KEYS[1] in output or processors is not None:  # needs this forward's capture
                 logps, theta_topk = self._trm_generation_logps(output)
-            result, weights = self._trm_evaluate(logps, logps, output, theta_topk)
-            output["trm_weights"] = weights
-            output["trm_keep"] = result.keep
+            _, output["trm_weights"] = self._trm_evaluate(logps, logps, output, theta_topk)
         elif processors is not None and output.get("old_per_token_logps") is not None:
             # π_old of the ρ factor under the sampler's processors, like π_roll (TRL's old log-probs have none).
             output["trm_old_logps"] = self._trm_generation_logps(output)[0]
@@ -578,7 +589,7 @@ class TRMTrainer(GRPOTrainer):
         all under the processors: `trl_trm.processors`)."""
         if inputs is None or "trm_weights" in inputs or "sampling_per_token_logps" not in inputs:
             return None
-        processors = getattr(self, "_trm_processors", None)
+        processors = self._trm_processors
         if BATCH_KEYS[1] not in inputs and processors is None:
             return None
         completion_ids = inputs["completion_ids"]  # (B, T)
