@@ -11,6 +11,11 @@ real inference engine does. Three kinds of mismatch, one at a time:
 * ``impulse``: emulates MoE routing flips. At each position of each sequence, with probability ``impulse_p``, the
   rollout samples from a perturbed distribution, logits + ``impulse_sigma`` * N(0, 1) (i.i.d. per vocabulary entry),
   and REPORTS that distribution's log-prob. The trainer never sees the perturbation.
+* ``flip``: emulates MoE routing flips as they occur in practice: a FIXED rare set of "fragile" contexts (a
+  fraction ``flip_fraction`` of all (previous token, token before it) pairs, drawn once from ``seed``) where the
+  rollout engine uses a very different distribution, logits + ``impulse_sigma`` * N(0, 1) with noise that is a
+  deterministic function of the context (the same context always flips the same way, as a routing decision does).
+  The engine counts the flipped positions (:attr:`MismatchRollout.flip_rate`).
 * ``stale``: the rollout samples with the weights of ``stale_k`` optimizer steps ago (the oldest available during
   the first ``stale_k`` steps).
 * ``none``: fp32 copy of the current weights, no perturbation: rollout log-probs equal the trainer's up to the
@@ -19,20 +24,21 @@ real inference engine does. Three kinds of mismatch, one at a time:
 With ``topk >= 1`` it also returns ``topk_logprobs`` / ``topk_token_ids`` (the sampling distribution's k most
 probable tokens per completion token): the `rollout_func` contract of ``trm_mode="trm_exact"`` (``trl_trm.topk``).
 
-Sampling uses ``transformers`` ``generate`` (temperature from the trainer's config, no top-k/top-p) with the
-perturbation as a ``LogitsProcessor``; ``output_scores=True`` returns the processed scores, i.e. the distribution
-sampled from, whose log-softmax at the sampled token is the reported log-prob. Prompts are tokenized with the
+Sampling is a plain KV-cache loop (:meth:`MismatchRollout._sample`; temperature from the trainer's config, no
+top-k/top-p) with the perturbation as a logits processor; the reported log-prob is the log-softmax, at the sampled
+token, of the processed scores, i.e. of the distribution sampled from. Prompts are tokenized with the
 trainer's own ``_tokenize_prompts`` (a TRL private method) so the prompt ids equal what TRL would build.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 from typing import Any
 
 import torch
 
-KINDS = ("none", "precision", "impulse", "stale")
+KINDS = ("none", "precision", "impulse", "flip", "stale")
 
 
 class _ImpulseNoise:
@@ -51,13 +57,42 @@ class _ImpulseNoise:
         return torch.where(flip.unsqueeze(1).to(scores.device), scores + noise.to(scores.device), scores)
 
 
+class _FragileContexts:
+    """LogitsProcessor: rows whose last two tokens form a fragile context get context-seeded Gaussian logit noise.
+
+    The fragile set is a (V, V) boolean table drawn once (``fraction`` of the pairs); the noise of context (a, b) is
+    ``sigma`` * N(0, 1) from a generator seeded by (seed, a, b), so it is the same at every visit."""
+
+    def __init__(self, fraction: float, sigma: float, vocab_size: int, seed: int):
+        table_gen = torch.Generator().manual_seed(seed)
+        self.fragile = torch.rand((vocab_size, vocab_size), generator=table_gen) < fraction  # (V, V): [prev2, prev1]
+        self.sigma, self.seed, self.vocab_size = sigma, seed, vocab_size
+        self.flips: list[torch.Tensor] = []  # (B,) bool per generated step
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        prev1 = input_ids[:, -1].clamp(max=self.vocab_size - 1)  # (B,)
+        prev2 = input_ids[:, -2].clamp(max=self.vocab_size - 1) if input_ids.size(1) > 1 else prev1  # (B,)
+        flip = self.fragile[prev2.cpu(), prev1.cpu()]  # (B,)
+        self.flips.append(flip)
+        if not bool(flip.any()):
+            return scores
+        scores = scores.clone()
+        for row in flip.nonzero().flatten().tolist():
+            a, b = int(prev2[row]), int(prev1[row])
+            gen = torch.Generator().manual_seed((self.seed * self.vocab_size + a) * self.vocab_size + b)
+            noise = torch.randn(scores.size(-1), generator=gen) * self.sigma  # (V,)
+            scores[row] = scores[row] + noise.to(scores.dtype).to(scores.device)
+        return scores
+
+
 class MismatchRollout:
     """TRL ``rollout_func`` sampling from a copy of the policy with a controlled mismatch (module docstring).
 
     Args:
         kind: one of :data:`KINDS`.
         impulse_p: probability per position of a perturbed step (``impulse``).
-        impulse_sigma: standard deviation of the Gaussian logit noise at a perturbed step (``impulse``).
+        impulse_sigma: standard deviation of the Gaussian logit noise at a perturbed step (``impulse`` and ``flip``).
+        flip_fraction: fraction of all two-token contexts that are fragile (``flip``).
         stale_k: age in optimizer steps of the rollout weights (``stale``).
         topk: also return the top-k of the sampling distribution per token (for ``trm_exact``); 0 = off.
         seed: seed of the engine's own random generator (the perturbation); token sampling uses torch's global RNG,
@@ -70,6 +105,7 @@ class MismatchRollout:
         *,
         impulse_p: float = 0.0,
         impulse_sigma: float = 0.0,
+        flip_fraction: float = 0.0,
         stale_k: int = 0,
         topk: int = 0,
         seed: int = 0,
@@ -78,6 +114,8 @@ class MismatchRollout:
             raise ValueError(f"Unknown mismatch kind {kind!r}: choose one of {list(KINDS)}.")
         if not 0.0 <= impulse_p <= 1.0:
             raise ValueError(f"`impulse_p` must be a probability in [0, 1], got {impulse_p}.")
+        if not 0.0 <= flip_fraction <= 1.0:
+            raise ValueError(f"`flip_fraction` must be a fraction in [0, 1], got {flip_fraction}.")
         if impulse_sigma < 0 or stale_k < 0 or topk < 0:
             raise ValueError(
                 f"`impulse_sigma`, `stale_k` and `topk` must be >= 0, got {impulse_sigma}, {stale_k}, {topk}."
@@ -89,11 +127,20 @@ class MismatchRollout:
             stale_k,
             topk,
         )
+        self.flip_fraction, self.seed = flip_fraction, seed
         self.generator = torch.Generator().manual_seed(seed)
+        self._fragile: _FragileContexts | None = None
+        self.flipped_tokens = 0  # completion tokens sampled from a perturbed distribution (impulse, flip), all calls
+        self.sampled_tokens = 0  # completion tokens sampled, all calls
         self.model: torch.nn.Module | None = None
         self.snapshots: dict[int, dict[str, torch.Tensor]] = {}  # optimizer step -> trainer weights (stale)
         self.weights_step: int | None = None  # the optimizer step whose weights the last rollout used
-        self.last_flips: torch.Tensor | None = None  # (B, T) bool, perturbed positions of the last call (impulse)
+        self.last_flips: torch.Tensor | None = None  # (B, T) bool, perturbed positions of the last call
+
+    @property
+    def flip_rate(self) -> float:
+        """Fraction of the completion tokens sampled so far (up to and including EOS) that were perturbed."""
+        return self.flipped_tokens / self.sampled_tokens if self.sampled_tokens else 0.0
 
     # -------------------------------------------------------------------------------------------- weights
     def sync(self, policy: torch.nn.Module, step: int) -> None:
@@ -125,8 +172,6 @@ class MismatchRollout:
         self, prompt_ids: list[list[int]], *, max_new_tokens: int, temperature: float, pad_id: int, eos_id: int
     ) -> dict[str, Any]:
         """Sample one completion per prompt with the rollout copy; return TRL's rollout_func dict."""
-        from transformers import LogitsProcessorList
-
         if self.model is None:
             raise RuntimeError("MismatchRollout.generate before sync(): no rollout weights yet.")
         width = max(len(p) for p in prompt_ids)
@@ -135,28 +180,22 @@ class MismatchRollout:
         for i, ids in enumerate(prompt_ids):
             input_ids[i, width - len(ids) :] = torch.tensor(ids)
             attention[i, width - len(ids) :] = 1
-        processors = LogitsProcessorList()
+        processors: list = []
         noise = None
         if self.kind == "impulse" and self.impulse_p > 0:
             noise = _ImpulseNoise(self.impulse_p, self.impulse_sigma, self.generator)
             processors.append(noise)
-        out = self.model.generate(
-            input_ids=input_ids,
-            attention_mask=attention,
-            do_sample=True,
-            temperature=temperature,
-            top_k=0,
-            top_p=1.0,
-            max_new_tokens=max_new_tokens,
-            logits_processor=processors,
-            output_scores=True,
-            return_dict_in_generate=True,
-            pad_token_id=pad_id,
-            eos_token_id=eos_id,
+        if self.kind == "flip" and self.flip_fraction > 0:
+            if self._fragile is None:  # the fixed fragile set, drawn once
+                self._fragile = _FragileContexts(
+                    self.flip_fraction, self.impulse_sigma, self.model.config.vocab_size, self.seed
+                )
+            noise = self._fragile
+            noise.flips = []
+            processors.append(noise)
+        sequences, logp_all = self._sample(
+            input_ids, attention, processors, max_new_tokens, temperature, pad_id, eos_id
         )
-        sequences = out.sequences[:, width:]  # (B, T)
-        scores = torch.stack(out.scores, dim=1).float()  # (B, T, V) processed scores: the sampled distribution
-        logp_all = torch.log_softmax(scores, dim=-1)  # (B, T, V)
         logp = logp_all.gather(-1, sequences.unsqueeze(-1)).squeeze(-1)  # (B, T)
         if noise is not None:
             self.last_flips = torch.stack(noise.flips, dim=1)  # (B, T)
@@ -168,11 +207,59 @@ class MismatchRollout:
             row = sequences[i].tolist()
             n = row.index(eos_id) + 1 if eos_id in row else len(row)  # keep the EOS token, as TRL does
             result["completion_ids"].append(row[:n])
+            self.sampled_tokens += n
+            if noise is not None:
+                self.flipped_tokens += int(self.last_flips[i, :n].sum())
             result["logprobs"].append(logp[i, :n].tolist())
             if self.topk:
                 result["topk_logprobs"].append(top_lp[i, :n].tolist())
                 result["topk_token_ids"].append(top_ids[i, :n].tolist())
         return result
+
+    def _sample(self, input_ids, attention, processors, max_new_tokens, temperature, pad_id, eos_id):
+        """Ancestral sampling with a KV cache: per step, logits (fp32) -> processors -> / temperature -> softmax ->
+        one token from torch's global RNG; rows that emitted EOS get ``pad_id`` afterwards. Returns the completion
+        ids (B, T) and the log-softmax of the distribution each token was sampled from (B, T, V). A plain loop
+        instead of ``generate``: about half the time per step on this tiny model, whose cost is per-call overhead."""
+        from transformers import DynamicCache
+
+        model = self.model
+        cache = DynamicCache()
+        cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        position = (attention.cumsum(-1) - 1).clamp(min=0)  # (B, P) left padding: positions count real tokens
+        step_ids, seq = input_ids, input_ids
+        done = torch.zeros(input_ids.size(0), dtype=torch.bool)  # (B,)
+        tokens, logps = [], []
+        for _ in range(max_new_tokens):
+            out = model(
+                input_ids=step_ids,
+                attention_mask=attention,
+                position_ids=position,
+                use_cache=True,
+                logits_to_keep=1,
+                **{cache_kw: cache},
+            )
+            scores = out.logits[:, -1].float()  # (B, V)
+            for processor in processors:
+                scores = processor(seq, scores)
+            logp = torch.log_softmax(scores / temperature, dim=-1)  # (B, V)
+            cdf = logp.exp().cumsum(-1)  # (B, V); inverse-CDF sampling, much cheaper than multinomial here
+            token = (
+                torch.searchsorted(cdf, torch.rand(cdf.size(0), 1) * cdf[:, -1:])
+                .squeeze(-1)
+                .clamp(max=cdf.size(-1) - 1)
+            )
+            token = torch.where(done, torch.full_like(token, pad_id), token)
+            tokens.append(token)
+            logps.append(logp)
+            done = done | (token == eos_id)
+            if bool(done.all()):
+                break
+            step_ids = token.unsqueeze(-1)  # (B, 1)
+            seq = torch.cat([seq, step_ids], dim=-1)
+            attention = torch.cat([attention, torch.ones_like(step_ids)], dim=-1)
+            position = position[:, -1:] + 1
+        return torch.stack(tokens, dim=1), torch.stack(logps, dim=1)  # (B, T), (B, T, V)
 
     # -------------------------------------------------------------------------------------------- TRL seam
     def __call__(self, prompts: list, trainer) -> dict[str, Any]:
