@@ -10,7 +10,7 @@ TORCH       ?= torch==2.13.0
 TORCH_INDEX ?=
 TORCH_PIP   := $(TORCH)$(if $(TORCH_INDEX), --extra-index-url $(TORCH_INDEX))
 
-.PHONY: demo test test-slow test-distributed test-vllm test-all test-wheel lint clean study sweep gpu-check-dry
+.PHONY: demo test test-slow test-distributed test-vllm test-all test-wheel lint clean study study-extreme sweep gpu-check-dry
 
 $(BIN)/trl-trm: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -23,9 +23,14 @@ $(BIN)/trl-trm: pyproject.toml
 demo: $(BIN)/trl-trm
 	$(BIN)/trl-trm demo --output_dir outputs/demo
 
-## Mismatch study (experiments/, docs/mismatch-study.md): 3 mismatch kinds x 8 corrections x 3 seeds, CPU, offline.
+## Mismatch study (experiments/, docs/mismatch-study.md), CPU, offline. `study`: the realistic table (bf16, rare
+## routing flips, one-step staleness; ~64-75-token completions; 3 kinds x 8 corrections x 5 seeds, ~25 min on 2 cores).
+## `study-extreme`: the first, extreme table (12-token completions, strong mismatch; 3 x 8 x 3 seeds, ~10 min).
 study: $(BIN)/trl-trm
-	$(BIN)/python -m experiments.mismatch_study
+	$(BIN)/python -m experiments.mismatch_study --preset realistic
+
+study-extreme: $(BIN)/trl-trm
+	$(BIN)/python -m experiments.mismatch_study --preset extreme
 
 ## Exact long-horizon simulator sweep (experiments/simulator_sweep.py, docs/simulator.md): 7 mismatch settings x
 ## T in {16, 128, 1024, 4096} x 8 corrections x 5 seeds; writes experiments/results/simulator_* and docs/simulator/.

@@ -2,13 +2,15 @@
 
 One command, offline, CPU::
 
-    .venv/bin/python -m experiments.mismatch_study            # full study (make study)
-    .venv/bin/python -m experiments.mismatch_study --smoke    # 2 steps, 1 kind x 2 methods, 1 seed
+    .venv/bin/python -m experiments.mismatch_study                     # realistic mismatch (make study)
+    .venv/bin/python -m experiments.mismatch_study --preset extreme    # the first, extreme table (make study-extreme)
+    .venv/bin/python -m experiments.mismatch_study --smoke             # 2 steps, 1 kind x 2 methods, 1 seed
 
 A tiny Qwen2 (``trl_trm.tiny``, built locally) learns the demo's string-reversal task (exact, graded reward from
 ``trl_trm.rewards.reversal``) with ``TRMTrainer`` in fp32, while its rollouts come from
 :class:`experiments.rollout_engine.MismatchRollout` (a TRL ``rollout_func``) with one kind of mismatch: bf16
-precision, impulse noise (MoE-routing-flip emulation), or stale weights. Every correction method is trained on every
+precision, routing-flip emulation (impulse noise at random positions, or a fixed rare set of fragile contexts), or
+stale weights. Every correction method is trained on every
 kind with several seeds; the results go to ``experiments/results/`` (JSON with every curve, CSV summary, markdown
 table) and the plots to ``docs/mismatch-study/``. See ``docs/mismatch-study.md``.
 """
@@ -33,11 +35,15 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "experiments" / "results"
 PLOTS_DIR = ROOT / "docs" / "mismatch-study"
 
-# Mismatch kinds: MismatchRollout arguments. Strengths chosen so that the mismatch is visible (see the doc).
+# Mismatch kinds: MismatchRollout arguments (see the doc). The extreme preset's strengths were chosen so that the
+# mismatch is visible; the realistic preset's follow what real engines show (bf16 precision, rare routing flips in a
+# fixed set of contexts, one step of staleness).
 KINDS: dict[str, dict[str, Any]] = {
     "precision": {"kind": "precision"},
     "impulse": {"kind": "impulse", "impulse_p": 0.3, "impulse_sigma": 8.0},
     "stale": {"kind": "stale", "stale_k": 2},
+    "flip": {"kind": "flip", "flip_fraction": 3e-3, "impulse_sigma": 8.0},
+    "stale1": {"kind": "stale", "stale_k": 1},
 }
 
 # Correction methods: TRMConfig overrides. Thresholds are the library defaults unless stated.
@@ -62,17 +68,39 @@ class StudyConfig:
     batch: int = 64  # completions per step (per_device_train_batch_size)
     num_generations: int = 8
     max_completion_length: int = 12
+    answer_len: tuple[int, int] = (2, 12)  # requested answer length in characters, min and max
     learning_rate: float = 3e-3
     warm_start_steps: int = 40
     hidden_size: int = 64
     eval_prompts: int = 64
     eval_samples: int = 2
     workers: int = 2
-    kinds: tuple[str, ...] = tuple(KINDS)
+    kinds: tuple[str, ...] = ("precision", "impulse", "stale")
     methods: tuple[str, ...] = tuple(METHODS)
     out_dir: Path = RESULTS_DIR
-    plots_dir: Path | None = PLOTS_DIR
-    tag: str = "study"
+    plots_dir: Path | None = PLOTS_DIR / "extreme"
+    tag: str = "study_extreme"
+
+
+# The two tables of docs/mismatch-study.md. "extreme": the first study (12-token completions, mismatch chosen to be
+# visible: 30 % of positions perturbed, two-step staleness at lr 3e-3). "realistic": the mismatch real engines show
+# (bf16 precision; routing flips in a fixed 0.3 % of the two-token contexts; one-step staleness at lr 1e-3), answers of
+# 110-130 characters (~64-75 tokens), 5 seeds, sized to run in under 30 minutes on 2 cores.
+PRESETS: dict[str, StudyConfig] = {
+    "extreme": StudyConfig(kinds=("precision", "impulse", "stale")),
+    "realistic": StudyConfig(
+        steps=32,
+        seeds=(0, 1, 2, 3, 4),
+        batch=32,
+        max_completion_length=80,
+        answer_len=(110, 130),
+        learning_rate=1e-3,
+        warm_start_steps=40,
+        kinds=("precision", "flip", "stale1"),
+        plots_dir=PLOTS_DIR / "realistic",
+        tag="study_realistic",
+    ),
+}
 
 
 def _trl_sequence_mask_trainer():
@@ -154,11 +182,19 @@ def task_reward(completions, target, **kwargs) -> list[float]:
     return fn(completions, target, **kwargs)
 
 
-def _eval_rows(n: int) -> list[dict[str, Any]]:
-    return task_rows(n, seed=10_000)  # held out: training uses seeds 0, 1, 2, ...
+def _eval_rows(n: int, answer_len: tuple[int, int] = (2, 12)) -> list[dict[str, Any]]:
+    return task_rows(n, seed=10_000, min_len=answer_len[0], max_len=answer_len[1])  # held out: training uses 0, 1, ...
 
 
-def warm_start(tokenizer, seed: int, steps: int, lr: float = 3e-3, batch: int = 32, hidden_size: int = 64):
+def warm_start(
+    tokenizer,
+    seed: int,
+    steps: int,
+    lr: float = 3e-3,
+    batch: int = 32,
+    hidden_size: int = 64,
+    answer_len: tuple[int, int] = (2, 12),
+):
     """A short supervised warm start (teacher forcing on prompt + reversed word + EOS, loss on the answer only), so
     that RL starts from a weak but non-trivial policy that ends its answers (variable lengths), as RL after SFT does.
     Deliberately under-trained: RL has room to improve."""
@@ -171,7 +207,7 @@ def warm_start(tokenizer, seed: int, steps: int, lr: float = 3e-3, batch: int = 
     model = build_tiny_model(tokenizer, seed=seed, hidden_size=hidden_size)
     if steps <= 0:
         return model
-    rows = task_rows(steps * batch, seed=50_000 + seed)
+    rows = task_rows(steps * batch, seed=50_000 + seed, min_len=answer_len[0], max_len=answer_len[1])
     sft_rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     model.train()
@@ -204,6 +240,27 @@ def warm_start(tokenizer, seed: int, steps: int, lr: float = 3e-3, batch: int = 
     return model
 
 
+_EVAL_INIT: dict[tuple, float] = {}  # per process: held-out reward of the warm-started weights
+_WARM: dict[tuple, dict] = {}  # per process: (seed, steps, hidden size, answer lengths) -> warm-started weights
+
+
+def _warm_started(tokenizer, seed: int, cfg: StudyConfig):
+    """`warm_start`, computed once per seed and setting in each worker process (every method of a seed starts from
+    the same weights; the jobs are ordered by seed) and then copied."""
+    from trl_trm.tiny import build_tiny_model
+
+    key = (seed, cfg.warm_start_steps, cfg.hidden_size, tuple(cfg.answer_len))
+    if key not in _WARM:
+        _WARM.clear()
+        model = warm_start(
+            tokenizer, seed, cfg.warm_start_steps, hidden_size=cfg.hidden_size, answer_len=cfg.answer_len
+        )
+        _WARM[key] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model = build_tiny_model(tokenizer, seed=seed, hidden_size=cfg.hidden_size)
+    model.load_state_dict(_WARM[key])
+    return model.eval()
+
+
 def _set_threads(n: int) -> None:
     import torch
 
@@ -226,9 +283,10 @@ def run_one(kind: str, method: str, seed: int, cfg: StudyConfig, threads: int = 
     _set_threads(threads)
     start = time.perf_counter()
     tokenizer = build_tiny_tokenizer()
-    model = warm_start(tokenizer, seed, cfg.warm_start_steps, hidden_size=cfg.hidden_size)
+    model = _warm_started(tokenizer, seed, cfg)
     prompts_needed = cfg.steps * cfg.batch // cfg.num_generations
-    train = Dataset.from_list(task_rows(max(prompts_needed, 16), seed=seed))
+    lo, hi = cfg.answer_len
+    train = Dataset.from_list(task_rows(max(prompts_needed, 16), seed=seed, min_len=lo, max_len=hi))
     overrides = dict(METHODS[method])
     topk = overrides.get("trm_rollout_topk", 0)
     with tempfile.TemporaryDirectory() as out:
@@ -266,7 +324,10 @@ def run_one(kind: str, method: str, seed: int, cfg: StudyConfig, threads: int = 
         from transformers import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)  # one progress line per run instead of every log dict
-        eval_init = evaluate(trainer, cfg, seed)
+        init_key = (seed, cfg.warm_start_steps, cfg.hidden_size, tuple(cfg.answer_len), cfg.eval_prompts)
+        if init_key not in _EVAL_INIT:  # the same weights and sampling seed for every method of a seed
+            _EVAL_INIT[init_key] = evaluate(trainer, cfg, seed)
+        eval_init = _EVAL_INIT[init_key]
         trainer.train()
         eval_final = evaluate(trainer, cfg, seed)
     steps = [h for h in trainer.state.log_history if "reward" in h]
@@ -280,6 +341,7 @@ def run_one(kind: str, method: str, seed: int, cfg: StudyConfig, threads: int = 
         "eval_reward_init": eval_init,
         "eval_reward_final": eval_final,
         "wall_s": time.perf_counter() - start,
+        "flip_rate": rollout.flip_rate,  # perturbed fraction of the sampled completion tokens (impulse, flip)
         "curves": curves,
     }
 
@@ -295,7 +357,7 @@ def evaluate(trainer, cfg: StudyConfig, seed: int) -> float:
 
     from experiments.rollout_engine import MismatchRollout
 
-    data = _eval_rows(cfg.eval_prompts)
+    data = _eval_rows(cfg.eval_prompts, cfg.answer_len)
     prompts = [row["prompt"] for row in data for _ in range(cfg.eval_samples)]
     targets = [row["target"] for row in data for _ in range(cfg.eval_samples)]
     clean = MismatchRollout("none")
@@ -351,6 +413,7 @@ def summarize_run(run: dict[str, Any], spike_threshold: float, last: int = 5) ->
         "grad_norm_max": max(grad) if grad else math.nan,
         "grad_spikes": sum(g > spike_threshold for g in grad),
         "mean_length": _mean(c.get("completions/mean_length", [])),
+        "flip_rate": run.get("flip_rate", 0.0),
         "wall_s": run["wall_s"],
     }
 
@@ -367,7 +430,7 @@ SUMMARY_FIELDS = (
 )
 
 
-def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def aggregate(rows: list[dict[str, Any]], baseline: str = "none") -> list[dict[str, Any]]:
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault((r["kind"], r["method"]), []).append(r)
@@ -377,14 +440,21 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for f in SUMMARY_FIELDS + ("eval_reward_init", "token_weight", "accept_q2", "accept_q3", "mean_length"):
             vals = [float(r[f]) for r in rs]
             agg[f"{f}_mean"], agg[f"{f}_std"] = _mean(vals), _std(vals)
+        # Paired by seed against the baseline (same warm start, same held-out prompts and sampling seed): the
+        # difference of final eval rewards, mean and standard error over seeds.
+        base = {r["seed"]: r["eval_reward_final"] for r in groups.get((kind, baseline), [])}
+        deltas = [r["eval_reward_final"] - base[r["seed"]] for r in rs if r["seed"] in base]
+        agg["delta_eval_mean"] = _mean(deltas) if deltas else math.nan
+        agg["delta_eval_se"] = _std(deltas) / math.sqrt(len(deltas)) if len(deltas) > 1 else math.nan
         out.append(agg)
     return out
 
 
 def markdown_table(agg: list[dict[str, Any]], kinds: tuple[str, ...], methods: tuple[str, ...]) -> str:
     head = (
-        "| kind | method | eval reward (final) | train reward (last 5) | accept rate | accept q1 (short) | "
-        "accept q4 (long) | max grad-norm | grad spikes | k3 KL |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+        "| kind | method | eval reward (final) | Δ vs none (paired) | train reward (last 5) | accept rate | "
+        "accept q1 (short) | accept q4 (long) | max grad-norm | grad spikes | k3 KL | mean length |\n"
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
     )
     index = {(a["kind"], a["method"]): a for a in agg}
     lines = []
@@ -398,10 +468,12 @@ def markdown_table(agg: list[dict[str, Any]], kinds: tuple[str, ...], methods: t
                 m, s = a[f"{f}_mean"], a[f"{f}_std"]
                 return "n/a" if math.isnan(m) else f"{m:{fmt}} ± {s:{fmt}}"
 
+            d, se = a.get("delta_eval_mean", math.nan), a.get("delta_eval_se", math.nan)
+            delta = "—" if method == "none" or math.isnan(d) else f"{d:+.3f} ± {se:.3f}"
             lines.append(
-                f"| {kind} | {method} | {pm('eval_reward_final')} | {pm('train_reward_last')} | {pm('accept_rate')} "
-                f"| {pm('accept_q1')} | {pm('accept_q4')} | {pm('grad_norm_max', '.2f')} | "
-                f"{pm('grad_spikes', '.1f')} | {pm('kl_k3', '.2e')} |"
+                f"| {kind} | {method} | {pm('eval_reward_final')} | {delta} | {pm('train_reward_last')} "
+                f"| {pm('accept_rate')} | {pm('accept_q1')} | {pm('accept_q4')} | {pm('grad_norm_max', '.2f')} | "
+                f"{pm('grad_spikes', '.1f')} | {pm('kl_k3', '.2e')} | {pm('mean_length', '.1f')} |"
             )
     return head + "\n".join(lines) + "\n"
 
@@ -515,6 +587,20 @@ def run_study(cfg: StudyConfig) -> dict[str, Any]:
             runs.append(_job(job))
             _progress(i + 1, len(jobs), runs[-1], start)
     elapsed = time.perf_counter() - start
+    meta = {
+        "command": " ".join([os.path.basename(sys.executable), "-m", "experiments.mismatch_study", *sys.argv[1:]]),
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()},
+        "kinds": {k: KINDS[k] for k in cfg.kinds},
+        "methods": {m: METHODS[m] for m in cfg.methods},
+        "wall_s": elapsed,
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
+    }
+    return write_report(runs, cfg, meta)
+
+
+def write_report(runs: list[dict[str, Any]], cfg: StudyConfig, meta: dict[str, Any]) -> dict[str, Any]:
+    """Summaries, aggregate, JSON/CSV/markdown and plots from the runs' curves (also used by ``--reaggregate``)."""
     # Gradient-norm spike threshold: 3x the median per-step grad norm of the uncorrected runs of the mildest kind
     # present (precision if run), i.e. of near on-policy training.
     ref_kind = "precision" if "precision" in cfg.kinds else cfg.kinds[0]
@@ -527,13 +613,7 @@ def run_study(cfg: StudyConfig) -> dict[str, Any]:
     agg = aggregate(rows)
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     meta = {
-        "command": " ".join([os.path.basename(sys.executable), "-m", "experiments.mismatch_study", *sys.argv[1:]]),
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()},
-        "kinds": {k: KINDS[k] for k in cfg.kinds},
-        "methods": {m: METHODS[m] for m in cfg.methods},
-        "wall_s": elapsed,
-        "load_average_before": load_before,
-        "load_average_after": os.getloadavg(),
+        **meta,
         "grad_spike_threshold": spike,
         "grad_spike_reference": f"3 x median grad_norm of ({ref_kind}, {cfg.methods[0]}) runs",
     }
@@ -552,7 +632,7 @@ def run_study(cfg: StudyConfig) -> dict[str, Any]:
     (cfg.out_dir / f"{cfg.tag}_table.md").write_text(table)
     plots = plot(runs, agg, cfg, spike) if cfg.plots_dir is not None else []
     print(table)
-    print(f"{len(runs)} runs in {elapsed:.0f} s; results in {cfg.out_dir}; plots: {', '.join(plots) or 'none'}")
+    print(f"{len(runs)} runs in {meta['wall_s']:.0f} s; results in {cfg.out_dir}; plots: {', '.join(plots) or 'none'}")
     return report
 
 
@@ -567,6 +647,7 @@ def _progress(i: int, n: int, run: dict[str, Any], start: float) -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", choices=list(PRESETS), default="realistic", help="which table (default realistic)")
     parser.add_argument("--smoke", action="store_true", help="2 steps, impulse kind, methods none and trm, seed 0")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
@@ -576,8 +657,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out-dir", type=Path, default=None)
     parser.add_argument("--plots-dir", type=Path, default=None)
     parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument(
+        "--reaggregate", type=Path, default=None, help="rebuild tables and plots of the preset from a saved JSON"
+    )
     a = parser.parse_args(argv)
-    cfg = StudyConfig()
+    cfg = PRESETS[a.preset]
     if a.smoke:
         cfg = dataclasses.replace(
             cfg,
@@ -598,6 +682,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             cfg = dataclasses.replace(cfg, **{name: tuple(getattr(a, name))})
     if a.no_plots:
         cfg = dataclasses.replace(cfg, plots_dir=None)
+    if a.reaggregate is not None:  # no training: the saved runs' curves, summarised again with this code
+        saved = json.loads(a.reaggregate.read_text())
+        meta = {k: v for k, v in saved["meta"].items() if not k.startswith("grad_spike")}
+        return write_report(saved["curves"], cfg, meta)
     return run_study(cfg)
 
 

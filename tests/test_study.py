@@ -131,6 +131,65 @@ def test_topk_output_and_bad_arguments(tiny):
         MismatchRollout("impulse", impulse_p=1.5)
 
 
+def test_flip_fraction0_reports_the_trainers_fp32_logprobs(tiny):
+    tok, model, prompts = tiny
+    engine = MismatchRollout("flip", flip_fraction=0.0, impulse_sigma=8.0)
+    engine.sync(model, step=0)
+    out = _generate(engine, tok, prompts, new=8)
+    diff = _max_abs_diff(out["logprobs"], _trainer_logps(model, prompts, out["completion_ids"]))
+    assert diff < 1e-4
+    assert engine.flip_rate == 0.0 and engine.sampled_tokens == sum(len(c) for c in out["completion_ids"])
+
+
+def test_flip_every_context_fragile_changes_every_position(tiny):
+    tok, model, prompts = tiny
+    engine = MismatchRollout("flip", flip_fraction=1.0, impulse_sigma=8.0, seed=2)
+    engine.sync(model, step=0)
+    out = _generate(engine, tok, prompts, new=6)
+    assert engine.flip_rate == 1.0
+    reported, trainer = out["logprobs"], _trainer_logps(model, prompts, out["completion_ids"])
+    per_token = torch.cat([(torch.tensor(r) - t).abs() for r, t in zip(reported, trainer, strict=True)])
+    assert float(per_token.median()) > 0.5  # sigma = 8 at every step: most tokens far from the trainer's log-prob
+
+
+def test_fragile_contexts_are_a_fixed_rare_set_with_deterministic_noise():
+    from experiments.rollout_engine import _FragileContexts
+
+    proc = _FragileContexts(fraction=0.01, sigma=8.0, vocab_size=512, seed=3)
+    assert abs(float(proc.fragile.float().mean()) - 0.01) < 0.001  # 262,144 pairs
+    fragile = proc.fragile.nonzero()[:2].tolist()  # two fragile (prev2, prev1) pairs
+    safe = (~proc.fragile).nonzero()[0].tolist()
+    ids = torch.tensor([[5, *fragile[0]], [9, *fragile[0]], [5, *fragile[1]], [5, *safe]])  # (4, 3)
+    scores = torch.zeros(4, 512)
+    out = proc(ids, scores)
+    assert proc.flips[-1].tolist() == [True, True, True, False]
+    torch.testing.assert_close(out[0], out[1])  # the same context flips the same way, whatever came before it
+    assert not torch.equal(out[0], out[2])  # another context, other noise
+    assert torch.equal(out[3], scores[3]) and 6.0 < float(out[0].std()) < 10.0
+    again = _FragileContexts(fraction=0.01, sigma=8.0, vocab_size=512, seed=3)
+    assert torch.equal(again.fragile, proc.fragile)  # the set is fixed by the seed
+    torch.testing.assert_close(again(ids, torch.zeros(4, 512)), out)
+    with pytest.raises(ValueError, match="flip_fraction"):
+        MismatchRollout("flip", flip_fraction=2.0)
+
+
+def test_realistic_preset_is_the_issues_realistic_regime():
+    """Pins the realistic table's settings (docs/mismatch-study.md): completions of >= 64 tokens, >= 5 seeds, rare
+    flips (0.1-1 % of contexts), one step of staleness, bf16 precision, the library's estimator (ratio factor on)."""
+    from experiments.mismatch_study import KINDS, METHODS, PRESETS
+    from trl_trm import TRMConfig
+
+    cfg = PRESETS["realistic"]
+    assert len(cfg.seeds) >= 5 and cfg.max_completion_length >= 64 and cfg.answer_len[0] >= 100
+    assert set(cfg.kinds) == {"precision", "flip", "stale1"}
+    assert 1e-3 <= KINDS["flip"]["flip_fraction"] <= 1e-2 and KINDS["stale1"]["stale_k"] == 1
+    assert cfg.learning_rate <= 1e-3 < PRESETS["extreme"].learning_rate
+    assert all("trm_ratio_factor" not in METHODS[m] for m in cfg.methods)  # the default: rho_t inside the mask
+    assert TRMConfig.__dataclass_fields__["trm_ratio_factor"].default is True
+    assert PRESETS["extreme"].tag != cfg.tag and PRESETS["extreme"].plots_dir != cfg.plots_dir
+    assert PRESETS["extreme"].kinds == ("precision", "impulse", "stale") and len(PRESETS["extreme"].seeds) == 3
+
+
 @pytest.mark.slow
 def test_study_smoke_writes_results(tmp_path):
     from experiments import mismatch_study
@@ -178,3 +237,19 @@ def test_trl_sequence_mask_method_weights_kept_sequences_by_their_product_ratio(
     torch.testing.assert_close(weights, want, rtol=1e-5, atol=1e-6)
     trainer._trm_flush_window("train")
     assert trainer._metrics["train"]["trm/token_weight/mean"] == [pytest.approx(float(want.sum()) / 8, rel=1e-5)]
+
+
+def test_aggregate_pairs_each_method_with_the_baseline_of_the_same_seed():
+    from experiments.mismatch_study import SUMMARY_FIELDS, aggregate, markdown_table
+
+    def row(method, seed, reward):
+        fields = SUMMARY_FIELDS + ("eval_reward_init", "token_weight", "accept_q2", "accept_q3", "mean_length")
+        return {"kind": "flip", "method": method, "seed": seed, **dict.fromkeys(fields, 0.5), "eval_reward_final": reward}
+
+    rows = [row("none", 0, 0.2), row("none", 1, 0.6), row("trm", 0, 0.3), row("trm", 1, 0.6), row("trm", 2, 0.9)]
+    agg = {a["method"]: a for a in aggregate(rows)}
+    assert agg["trm"]["delta_eval_mean"] == pytest.approx(0.05)  # seeds 0 and 1 only: (+0.1, 0.0); seed 2 unpaired
+    assert agg["trm"]["delta_eval_se"] == pytest.approx(0.05)  # stdev 0.0707 / sqrt(2)
+    assert agg["none"]["delta_eval_mean"] == 0.0
+    table = markdown_table(list(agg.values()), ("flip",), ("none", "trm"))
+    assert "| +0.050 ± 0.050 |" in table and "| flip | none | 0.400 ± 0.283 | — |" in table
