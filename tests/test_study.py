@@ -244,7 +244,13 @@ def test_aggregate_pairs_each_method_with_the_baseline_of_the_same_seed():
 
     def row(method, seed, reward):
         fields = SUMMARY_FIELDS + ("eval_reward_init", "token_weight", "accept_q2", "accept_q3", "mean_length")
-        return {"kind": "flip", "method": method, "seed": seed, **dict.fromkeys(fields, 0.5), "eval_reward_final": reward}
+        return {
+            "kind": "flip",
+            "method": method,
+            "seed": seed,
+            **dict.fromkeys(fields, 0.5),
+            "eval_reward_final": reward,
+        }
 
     rows = [row("none", 0, 0.2), row("none", 1, 0.6), row("trm", 0, 0.3), row("trm", 1, 0.6), row("trm", 2, 0.9)]
     agg = {a["method"]: a for a in aggregate(rows)}
