@@ -25,7 +25,7 @@ demo: $(BIN)/trl-trm
 
 ## Mismatch study (experiments/, docs/mismatch-study.md), CPU, offline. `study`: the realistic table (bf16, rare
 ## routing flips, one-step staleness; ~64-75-token completions; 3 kinds x 8 corrections x 5 seeds, ~25 min on 2 cores).
-## `study-extreme`: the first, extreme table (12-token completions, strong mismatch; 3 x 8 x 3 seeds, ~10 min).
+## `study-extreme`: the first, extreme table (12-token completions, strong mismatch; 3 x 8 x 3 seeds, ~11 min).
 study: $(BIN)/trl-trm
 	$(BIN)/python -m experiments.mismatch_study --preset realistic
 
