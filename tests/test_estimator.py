@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from trainer_kwargs import base_config_kwargs, length_reward
+from trainer_kwargs import base_config_kwargs, length_reward, loss_batch
 
 LOSS_TYPES = ["dapo", "grpo", "bnpo", "dr_grpo", "cispo", "sapo", "luspo"]
 ACCEPT_ALL = dict(trm_delta_max=10.0, trm_delta_avg=None)
@@ -170,15 +170,7 @@ def _batch(trainer, c=0.3, old_shift=None, reject_rows=()):
     sampling = theta - c
     for r in reject_rows:
         sampling[r, 0] -= 5.0
-    batch = {
-        "prompt_ids": prompt_ids,
-        "prompt_mask": torch.ones_like(prompt_ids),
-        "completion_ids": completion_ids,
-        "completion_mask": completion_mask,
-        "advantages": torch.tensor([1.0, -0.5, 0.7, -1.2]),
-        "num_items_in_batch": completion_mask.sum(),
-        "sampling_per_token_logps": sampling,
-    }
+    batch = loss_batch(prompt_ids, completion_ids, completion_mask, sampling)
     if old_shift is not None:  # num_iterations > 1: π_old differs from the current policy
         batch["old_per_token_logps"] = theta + old_shift
     return batch

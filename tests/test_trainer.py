@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from trainer_kwargs import loss_batch
 
 
 def _snapshot(model):
@@ -102,15 +103,7 @@ def _loss_batch(trainer, reject_rows, nan_rows=()):
         sampling[r, 1] += 1.0
     for r in nan_rows:
         sampling[r, 0] = float("nan")
-    return {
-        "prompt_ids": prompt_ids,
-        "prompt_mask": torch.ones_like(prompt_ids),
-        "completion_ids": completion_ids,
-        "completion_mask": completion_mask,
-        "advantages": torch.tensor([1.0, -0.5, 0.7, -1.2]),
-        "num_items_in_batch": completion_mask.sum(),
-        "sampling_per_token_logps": sampling,
-    }
+    return loss_batch(prompt_ids, completion_ids, completion_mask, sampling)
 
 
 def _reference_loss(model, inputs, kept, loss_type, max_completion_length, ratio_factor=True):

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from trainer_kwargs import loss_batch
 from trl import GRPOTrainer
 
 import trl_trm.trainer as trainer_module
@@ -61,18 +62,15 @@ def _hand_batch(trainer, k, temperature, noise=0.3, seed=0):
     log_q = _dense_theta(trainer, prompt_ids, completion_ids, temperature)  # (B, T, V)
     log_p = torch.log_softmax(log_q + noise * torch.randn(log_q.shape, generator=g), -1)  # rollout engine
     top = log_p.topk(k, dim=-1)
-    batch = {
-        "prompt_ids": prompt_ids,
-        "prompt_mask": torch.ones_like(prompt_ids),
-        "completion_ids": completion_ids,
-        "completion_mask": completion_mask,
-        "advantages": torch.tensor([1.0, -0.5, 0.7, -1.2]),
-        "num_items_in_batch": completion_mask.sum(),
-        "sampling_per_token_logps": log_p.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1),
-        "trm_topk_logprobs": top.values,
-        "trm_topk_ids": top.indices,
-        "trm_topk_mask": torch.ones_like(top.indices, dtype=torch.bool),
-    }
+    batch = loss_batch(
+        prompt_ids,
+        completion_ids,
+        completion_mask,
+        log_p.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1),
+        trm_topk_logprobs=top.values,
+        trm_topk_ids=top.indices,
+        trm_topk_mask=torch.ones_like(top.indices, dtype=torch.bool),
+    )
     return batch, log_p.double(), log_q.double()
 
 

@@ -1,5 +1,5 @@
 """Tiny-trainer settings shared by the test suites (tests/conftest.py and tests/vllm_cpu/, which runs in its own
-venv): a reward that varies between completions and TRMConfig kwargs for fast CPU runs. A plain module, so any test
+venv): a reward that varies between completions, TRMConfig kwargs for fast CPU runs, and the loss batch of 4 sequences. A plain module, so any test
 folder can import it without going through a conftest."""
 
 from __future__ import annotations
@@ -30,3 +30,20 @@ def base_config_kwargs(output_dir, **overrides):
     )
     kwargs.update(overrides)
     return kwargs
+
+
+def loss_batch(prompt_ids, completion_ids, completion_mask, sampling_logps, **extra):
+    """The batch `GRPOTrainer._compute_loss` reads (keys of `_generate_and_score_completions`) for 4 sequences with
+    fixed advantages; ``extra`` adds keys (``old_per_token_logps``, the ``trm_topk_*`` tensors)."""
+    import torch
+
+    return {
+        "prompt_ids": prompt_ids,
+        "prompt_mask": torch.ones_like(prompt_ids),
+        "completion_ids": completion_ids,
+        "completion_mask": completion_mask,
+        "advantages": torch.tensor([1.0, -0.5, 0.7, -1.2]),
+        "num_items_in_batch": completion_mask.sum(),
+        "sampling_per_token_logps": sampling_logps,
+        **extra,
+    }
