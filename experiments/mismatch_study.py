@@ -241,7 +241,12 @@ def warm_start(
 
 
 _EVAL_INIT: dict[tuple, float] = {}  # per process: held-out reward of the warm-started weights
-_WARM: dict[tuple, dict] = {}  # per process: (seed, steps, hidden size, answer lengths) -> warm-started weights
+_WARM: dict[tuple, dict] = {}  # per process: _warm_key -> warm-started weights
+
+
+def _warm_key(seed: int, cfg: StudyConfig) -> tuple:
+    """What the warm-started weights depend on."""
+    return (seed, cfg.warm_start_steps, cfg.hidden_size, tuple(cfg.answer_len))
 
 
 def _warm_started(tokenizer, seed: int, cfg: StudyConfig):
@@ -249,7 +254,7 @@ def _warm_started(tokenizer, seed: int, cfg: StudyConfig):
     the same weights; the jobs are ordered by seed) and then copied."""
     from trl_trm.tiny import build_tiny_model
 
-    key = (seed, cfg.warm_start_steps, cfg.hidden_size, tuple(cfg.answer_len))
+    key = _warm_key(seed, cfg)
     if key not in _WARM:
         _WARM.clear()
         model = warm_start(
@@ -324,7 +329,8 @@ def run_one(kind: str, method: str, seed: int, cfg: StudyConfig, threads: int = 
         from transformers import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)  # one progress line per run instead of every log dict
-        init_key = (seed, cfg.warm_start_steps, cfg.hidden_size, tuple(cfg.answer_len), cfg.eval_prompts)
+        # What `evaluate` of the warm-started weights depends on: those weights and the evaluation settings.
+        init_key = (*_warm_key(seed, cfg), cfg.eval_prompts, cfg.eval_samples, cfg.max_completion_length)
         if init_key not in _EVAL_INIT:  # the same weights and sampling seed for every method of a seed
             _EVAL_INIT[init_key] = evaluate(trainer, cfg, seed)
         eval_init = _EVAL_INIT[init_key]
