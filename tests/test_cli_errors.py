@@ -13,30 +13,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from trainer_kwargs import MISSING_MODEL, write_recipe
 
 from trl_trm.cli import main
 
-MISSING_MODEL = "/nonexistent/model-dir"  # loading it would fail: an error about anything else came first
-
 
 def _recipe(tmp_path: Path, text: str | None = None, **overrides) -> Path:
-    recipe = {
-        "model_name_or_path": MISSING_MODEL,
-        "dataset_name": "builtin:reversal",
-        "reward_funcs": ["reversal"],
-        "output_dir": str(tmp_path / "out"),
-        "use_cpu": True,
-        "max_steps": 1,
-        "per_device_train_batch_size": 4,
-        "num_generations": 4,
-        "max_completion_length": 6,
-        "report_to": [],
-        "save_strategy": "no",
-    }
-    recipe.update(overrides)
-    path = tmp_path / "r.yaml"
-    path.write_text(text if text is not None else yaml.safe_dump(recipe))
-    return path
+    return write_recipe(tmp_path / "r.yaml", text, **overrides)
 
 
 def _error(capsys) -> str:

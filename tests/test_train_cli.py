@@ -4,33 +4,11 @@ with an imported reward trains, saves, writes trm_stats.jsonl, the plot and a mo
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
-import yaml
+from trainer_kwargs import MISSING_MODEL, write_recipe
 
 from trl_trm.cli import main
-
-MISSING_MODEL = "/nonexistent/model-dir"  # loading it would fail: an error about anything else came first
-
-
-def _write_recipe(path: Path, **overrides) -> Path:
-    recipe = {
-        "model_name_or_path": MISSING_MODEL,
-        "dataset_name": "builtin:reversal",
-        "reward_funcs": ["reversal"],
-        "output_dir": str(path.parent / "out"),
-        "use_cpu": True,
-        "max_steps": 1,
-        "per_device_train_batch_size": 4,
-        "num_generations": 4,
-        "max_completion_length": 6,
-        "report_to": [],
-        "save_strategy": "no",
-    }
-    recipe.update(overrides)
-    path.write_text(yaml.safe_dump(recipe))
-    return path
 
 
 @pytest.mark.parametrize(
@@ -45,7 +23,7 @@ def _write_recipe(path: Path, **overrides) -> Path:
     ],
 )
 def test_bad_recipes_fail_before_the_model_loads(tmp_path, capsys, overrides, message):
-    recipe = _write_recipe(tmp_path / "r.yaml", **overrides)
+    recipe = write_recipe(tmp_path / "r.yaml", **overrides)
     assert main(["train", "--config", str(recipe)]) == 2
     err = capsys.readouterr().err
     assert message in err, err
@@ -53,7 +31,7 @@ def test_bad_recipes_fail_before_the_model_loads(tmp_path, capsys, overrides, me
 
 
 def test_unknown_flag_and_missing_config(tmp_path, capsys):
-    recipe = _write_recipe(tmp_path / "r.yaml")
+    recipe = write_recipe(tmp_path / "r.yaml")
     assert main(["train", "--config", str(recipe), "--trm_mod", "trm"]) == 2
     assert "Unknown command-line flags ['--trm_mod']" in capsys.readouterr().err
     # No recipe is a flags-only run (as `trl grpo`): what is missing is named.
@@ -64,7 +42,7 @@ def test_unknown_flag_and_missing_config(tmp_path, capsys):
 def test_local_dataset_without_the_prompt_column_lists_columns(tmp_path, capsys):
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps({"question": f"q{i}", "answer": "#### 1"}) + "\n" for i in range(8)))
-    recipe = _write_recipe(tmp_path / "r.yaml", dataset_name=str(data))
+    recipe = write_recipe(tmp_path / "r.yaml", dataset_name=str(data))
     assert main(["train", "--config", str(recipe)]) == 2
     err = capsys.readouterr().err
     assert "has no prompt column 'prompt'" in err and "['question', 'answer']" in err
@@ -81,7 +59,7 @@ def test_train_from_local_jsonl_with_imported_reward(tmp_path, tiny_model_dir, m
     words = ["abc", "ghij", "bad", "cafe", "jig", "hide", "face", "bead"]
     data.write_text("".join(json.dumps({"question": f"reverse: {w}", "answer": w[::-1]}) + "\n" for w in words * 2))
     out = tmp_path / "run"
-    recipe = _write_recipe(
+    recipe = write_recipe(
         tmp_path / "r.yaml",
         model_name_or_path=tiny_model_dir,
         dataset_name=str(data),
@@ -115,7 +93,7 @@ def test_train_from_local_jsonl_with_imported_reward(tmp_path, tiny_model_dir, m
 
 
 def test_reward_columns_are_checked_before_the_model_loads(tmp_path, capsys):
-    recipe = _write_recipe(tmp_path / "r.yaml", reward_funcs=["gsm8k_accuracy"])  # reversal data has no `answer`
+    recipe = write_recipe(tmp_path / "r.yaml", reward_funcs=["gsm8k_accuracy"])  # reversal data has no `answer`
     assert main(["train", "--config", str(recipe)]) == 2
     err = capsys.readouterr().err
     assert "Reward function 'gsm8k_accuracy' needs the dataset column(s) ['answer']" in err
@@ -123,7 +101,7 @@ def test_reward_columns_are_checked_before_the_model_loads(tmp_path, capsys):
 
 
 def test_resume_true_without_checkpoint_and_config_equals_form(tmp_path, capsys):
-    recipe = _write_recipe(tmp_path / "r.yaml", resume_from_checkpoint="true")
+    recipe = write_recipe(tmp_path / "r.yaml", resume_from_checkpoint="true")
     assert main(["train", f"--config={recipe}"]) == 2  # `--config=PATH` is read like `--config PATH`
     assert "holds no checkpoint-* folder" in capsys.readouterr().err
 
@@ -145,7 +123,7 @@ def test_resolve_checkpoint(tmp_path):
 def test_eval_split_of_a_single_file_is_refused(tmp_path, capsys):
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"p{i}", "target": "x"}) + "\n" for i in range(8)))
-    recipe = _write_recipe(tmp_path / "r.yaml", dataset_name=str(data), eval_strategy="steps", eval_steps=1)
+    recipe = write_recipe(tmp_path / "r.yaml", dataset_name=str(data), eval_strategy="steps", eval_steps=1)
     assert main(["train", "--config", str(recipe)]) == 2
     assert "is a single file, so it has no 'test' split" in capsys.readouterr().err
 

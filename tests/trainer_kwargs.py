@@ -1,5 +1,6 @@
 """Tiny-trainer settings shared by the test suites (tests/conftest.py and tests/vllm_cpu/, which runs in its own
-venv): a reward that varies between completions, TRMConfig kwargs for fast CPU runs, and the loss batch of 4 sequences. A plain module, so any test
+venv): a reward that varies between completions, TRMConfig kwargs for fast CPU runs, the loss batch of 4 sequences, and a
+`trl-trm train` recipe. A plain module, so any test
 folder can import it without going through a conftest."""
 
 from __future__ import annotations
@@ -47,3 +48,29 @@ def loss_batch(prompt_ids, completion_ids, completion_mask, sampling_logps, **ex
         "sampling_per_token_logps": sampling_logps,
         **extra,
     }
+
+
+MISSING_MODEL = "/nonexistent/model-dir"  # loading it would fail: an error about anything else came first
+
+
+def write_recipe(path, text=None, **overrides):
+    """A one-step `trl-trm train` recipe on the built-in reversal task, written to ``path`` (YAML; ``text`` writes
+    that text instead). Its model is :data:`MISSING_MODEL` unless overridden."""
+    import yaml
+
+    recipe = {
+        "model_name_or_path": MISSING_MODEL,
+        "dataset_name": "builtin:reversal",
+        "reward_funcs": ["reversal"],
+        "output_dir": str(path.parent / "out"),
+        "use_cpu": True,
+        "max_steps": 1,
+        "per_device_train_batch_size": 4,
+        "num_generations": 4,
+        "max_completion_length": 6,
+        "report_to": [],
+        "save_strategy": "no",
+    }
+    recipe.update(overrides)
+    path.write_text(text if text is not None else yaml.safe_dump(recipe))
+    return path
