@@ -1,6 +1,6 @@
 """Tiny-trainer settings shared by the test suites (tests/conftest.py and tests/vllm_cpu/, which runs in its own
-venv): a reward that varies between completions, TRMConfig kwargs for fast CPU runs, the loss batch of 4 sequences, and a
-`trl-trm train` recipe. A plain module, so any test
+venv): a reward that varies between completions, TRMConfig kwargs for fast CPU runs, the loss batch of 4 sequences, a
+`trl-trm train` recipe, and the check that two runs logged the same step. A plain module, so any test
 folder can import it without going through a conftest."""
 
 from __future__ import annotations
@@ -74,3 +74,16 @@ def write_recipe(path, text=None, **overrides):
     recipe.update(overrides)
     path.write_text(text if text is not None else yaml.safe_dump(recipe))
     return path
+
+
+def assert_same_step(one_log, two_log):
+    """Two runs of the same step (1 and 2 processes) logged the same `trm/` metrics, grad norm and loss; returns the
+    compared `trm/` keys."""
+    import math
+
+    keys = sorted(k for k in one_log if k.startswith("trm/") and one_log[k] is not None)
+    for k in keys:
+        assert math.isclose(one_log[k], two_log[k], rel_tol=1e-5, abs_tol=1e-7), (k, one_log[k], two_log[k])
+    assert math.isclose(one_log["grad_norm"], two_log["grad_norm"], rel_tol=1e-4)
+    assert math.isclose(one_log["loss"], two_log["loss"], rel_tol=1e-4, abs_tol=1e-7)
+    return keys
