@@ -10,7 +10,8 @@ TORCH       ?= torch==2.13.0
 TORCH_INDEX ?=
 TORCH_PIP   := $(TORCH)$(if $(TORCH_INDEX), --extra-index-url $(TORCH_INDEX))
 
-.PHONY: demo test test-slow test-distributed test-vllm test-all test-wheel lint clean study study-extreme sweep gpu-check-dry
+.PHONY: demo test test-slow test-distributed test-vllm test-all test-wheel lint clean study study-extreme sweep gpu-check-dry \
+	docs docs-build
 
 $(BIN)/trl-trm: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -85,6 +86,25 @@ test-wheel: $(BIN)/trl-trm
 	cd $(WHEEL_DIR) && venv/bin/trl-trm demo --output_dir demo --max_steps 10
 	test -s $(WHEEL_DIR)/demo/trm_stats.png && echo "test-wheel: ok, $(WHEEL_DIR)/demo/trm_stats.png"
 
+## The docs site (mkdocs.yml, docs/): `docs` serves it on http://127.0.0.1:8000, `docs-build` builds it as CI does
+## (--strict: a broken link, a page missing from the nav or a docstring that does not match its signature fails).
+## Own venv, .venv-docs, with only the `docs` extra's packages (read from pyproject.toml): no torch, no trl_trm install;
+## mkdocstrings reads trl_trm/ statically.
+DOCS_VENV ?= .venv-docs
+DOCS_BIN  := $(DOCS_VENV)/bin
+
+$(DOCS_BIN)/.docs-installed: pyproject.toml
+	$(PY) -m venv $(DOCS_VENV)
+	$(DOCS_BIN)/python -c "import sys; t = __import__('tomllib') if sys.version_info >= (3, 11) else __import__('pip._vendor.tomli', fromlist=['loads']); print('\n'.join(t.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['docs']))" > $(DOCS_VENV)/requirements.txt
+	$(DOCS_BIN)/pip install -q -r $(DOCS_VENV)/requirements.txt
+	touch $@
+
+docs: $(DOCS_BIN)/.docs-installed
+	NO_MKDOCS_2_WARNING=1 $(DOCS_BIN)/mkdocs serve
+
+docs-build: $(DOCS_BIN)/.docs-installed
+	NO_MKDOCS_2_WARNING=1 $(DOCS_BIN)/mkdocs build --strict --site-dir build/site
+
 test-all: test test-slow test-distributed
 
 lint: $(BIN)/trl-trm
@@ -92,4 +112,4 @@ lint: $(BIN)/trl-trm
 	$(BIN)/ruff format --check trl_trm tests benchmarks experiments
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) outputs .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) $(DOCS_VENV) outputs .pytest_cache
