@@ -342,11 +342,11 @@ def test_accuracy_reward_without_math_verify_is_refused(monkeypatch):
 def test_accelerate_config_and_num_processes_relaunch_like_trl(tmp_path, monkeypatch, capsys):
     from accelerate.commands import launch as accelerate_launch
 
-    import trl_trm.train as train
+    import trl_trm.launch as launch
 
     launched = []
     monkeypatch.setattr(accelerate_launch, "launch_command", launched.append)
-    monkeypatch.setattr(train, "_has_accelerator", lambda: True)
+    monkeypatch.setattr(launch, "_has_accelerator", lambda: True)
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     recipe = _recipe(tmp_path, use_cpu=False, bf16=False)
