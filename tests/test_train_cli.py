@@ -112,3 +112,25 @@ def test_eval_split_of_a_single_file_is_refused(tmp_path, capsys):
     recipe = write_recipe(tmp_path / "r.yaml", dataset_name=str(data), eval_strategy="steps", eval_steps=1)
     assert main(["train", "--config", str(recipe)]) == 2
     assert "is a single file, so it has no 'test' split" in capsys.readouterr().err
+
+
+def test_every_name_of_the_runner_before_its_split_imports_from_trl_trm_train():
+    """`trl_trm.train` was the whole runner; its names moved to recipe/launch/preflight/checkpoints/data and are
+    re-exported, each the same object as in its new home."""
+    import trl_trm.train as train
+    from trl_trm import checkpoints, data, launch, preflight, recipe
+
+    names = """BUILTIN_MODELS BUILTIN_PREFIX DatasetMixtureConfig GRPOScriptArguments JSONL_SCAN_BYTES LAUNCHED_ENV
+    LOCAL_FORMATS RUN_FILES TINY_MARKER TRACKERS TRL_REWARD_KWARGS TrainScriptArguments TrainingError _check_local_file
+    _config_num_processes _first_line _has_accelerator _jsonl_problem _launch_options _launch_value _load_file
+    _load_local _load_mixture _offline _offline_datasets _split_config_flag _split_launch_args build_trainer
+    check_dataset_size check_hub_model check_output_dir check_quantization check_report_to check_reward_columns
+    check_trained check_trl_rewards checkpoint_problem earlier_run_files launch_with_accelerate load_builtin_dataset
+    load_prompts load_recipe_yaml main_process_first make_parser parse_command parse_recipe resolve_checkpoint
+    resolve_model run_train""".split()
+    missing = [n for n in names if not hasattr(train, n)]
+    assert not missing, missing
+    for module in (checkpoints, data, launch, preflight, recipe):
+        for name in names:
+            if hasattr(module, name) and not name.startswith("__"):
+                assert getattr(train, name) is getattr(module, name), (module.__name__, name)
