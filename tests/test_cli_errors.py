@@ -125,27 +125,6 @@ def test_zero_step_error_exits_1_without_traceback(tmp_path, capsys, monkeypatch
     assert "training ran 0 steps" in _error(capsys)
 
 
-def test_dataset_mixture_with_local_files_and_test_split(tmp_path):
-    from trl_trm.train import TrainScriptArguments, load_prompts
-
-    for name in ("a", "b"):
-        rows = [{"question": f"{name}{i}", "other": 1} for i in range(10)]
-        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    args = TrainScriptArguments(
-        datasets=[
-            {"path": "json", "data_files": str(tmp_path / "a.jsonl"), "columns": ["question"]},
-            {"path": "json", "data_files": str(tmp_path / "b.jsonl"), "columns": ["question"]},
-        ],
-        test_split_size=0.25,
-        prompt_column="question",
-    )
-    train, test = load_prompts(args), load_prompts(args, split="test")
-    assert len(train) == 15 and len(test) == 5 and train.column_names == ["prompt"]
-    assert sorted(list(train["prompt"]) + list(test["prompt"])) == sorted(f"{n}{i}" for n in "ab" for i in range(10))
-    with pytest.raises(ValueError, match="keep one"):
-        load_prompts(TrainScriptArguments(datasets=args.datasets, dataset_name="builtin:reversal"))
-
-
 def test_dataset_config_that_would_be_ignored_is_refused(tmp_path, capsys):
     assert main(["train", "--config", str(_recipe(tmp_path, dataset_config="main"))]) == 2  # builtin:reversal
     assert "`dataset_config: main` applies to a Hub dataset in `dataset_name` only" in _error(capsys)
@@ -208,23 +187,6 @@ def _checkpoint(root: Path, step: int, complete: bool = True) -> Path:
     state = json.dumps({"global_step": step})
     (path / "trainer_state.json").write_text(state if complete else state[:5])  # cut short by a full disk
     return path
-
-
-def test_resume_skips_an_incomplete_last_checkpoint_with_a_warning(tmp_path):
-    from trl_trm.adaptive import STATE_FILE_NAME
-    from trl_trm.train import resolve_checkpoint
-
-    _checkpoint(tmp_path, 2)
-    _checkpoint(tmp_path, 4)
-    _checkpoint(tmp_path, 6, complete=False)
-    with pytest.warns(RuntimeWarning, match=r"Skipping the incomplete checkpoint .*checkpoint-6 \(its trainer_state"):
-        assert resolve_checkpoint("true", str(tmp_path)) == str(tmp_path / "checkpoint-4")
-    (tmp_path / "checkpoint-4" / STATE_FILE_NAME).write_text('{"scale": 1.')  # truncated adaptive state
-    (tmp_path / "checkpoint-2" / STATE_FILE_NAME).write_text('{"scale": 1.0}')
-    with pytest.warns(RuntimeWarning, match="checkpoint-4 .its trm_adaptive_state.json is cut short"):
-        assert resolve_checkpoint("true", str(tmp_path), need_adaptive=True) == str(tmp_path / "checkpoint-2")
-    with pytest.raises(ValueError, match="is incomplete .its trainer_state.json is cut short"):
-        resolve_checkpoint(str(tmp_path / "checkpoint-6"), str(tmp_path))
 
 
 def test_reused_output_dir_without_resume_is_refused(tmp_path, capsys):
@@ -342,11 +304,11 @@ def test_accuracy_reward_without_math_verify_is_refused(monkeypatch):
 def test_accelerate_config_and_num_processes_relaunch_like_trl(tmp_path, monkeypatch, capsys):
     from accelerate.commands import launch as accelerate_launch
 
-    import trl_trm.train as train
+    import trl_trm.launch as launch
 
     launched = []
     monkeypatch.setattr(accelerate_launch, "launch_command", launched.append)
-    monkeypatch.setattr(train, "_has_accelerator", lambda: True)
+    monkeypatch.setattr(launch, "_has_accelerator", lambda: True)
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     recipe = _recipe(tmp_path, use_cpu=False, bf16=False)

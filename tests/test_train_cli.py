@@ -106,20 +106,6 @@ def test_resume_true_without_checkpoint_and_config_equals_form(tmp_path, capsys)
     assert "holds no checkpoint-* folder" in capsys.readouterr().err
 
 
-def test_resolve_checkpoint(tmp_path):
-    from trl_trm.train import resolve_checkpoint
-
-    for name in ("checkpoint-2", "checkpoint-10"):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "trainer_state.json").write_text("{}")  # complete (see tests/test_cli_errors.py)
-    assert resolve_checkpoint("true", str(tmp_path)) == str(tmp_path / "checkpoint-10")
-    assert resolve_checkpoint("last", str(tmp_path)) == str(tmp_path / "checkpoint-10")
-    assert resolve_checkpoint(None, str(tmp_path)) is None and resolve_checkpoint("false", str(tmp_path)) is None
-    assert resolve_checkpoint(str(tmp_path / "checkpoint-2"), str(tmp_path)) == str(tmp_path / "checkpoint-2")
-    with pytest.raises(ValueError, match="is not a directory"):
-        resolve_checkpoint(str(tmp_path / "nope"), str(tmp_path))
-
-
 def test_eval_split_of_a_single_file_is_refused(tmp_path, capsys):
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"p{i}", "target": "x"}) + "\n" for i in range(8)))
@@ -128,25 +114,23 @@ def test_eval_split_of_a_single_file_is_refused(tmp_path, capsys):
     assert "is a single file, so it has no 'test' split" in capsys.readouterr().err
 
 
-def test_saved_dataset_dict_split_errors(tmp_path):
-    from datasets import Dataset, DatasetDict
+def test_every_name_of_the_runner_before_its_split_imports_from_trl_trm_train():
+    """`trl_trm.train` was the whole runner; its names moved to recipe/launch/preflight/checkpoints/data and are
+    re-exported, each the same object as in its new home."""
+    import trl_trm.train as train
+    from trl_trm import checkpoints, data, launch, preflight, recipe
 
-    from trl_trm.train import TrainScriptArguments, load_prompts
-
-    path = tmp_path / "saved"
-    DatasetDict({"train": Dataset.from_list([{"prompt": "a"}, {"prompt": "b"}])}).save_to_disk(str(path))
-    args = TrainScriptArguments(dataset_name=str(path), max_train_samples=1)
-    assert load_prompts(args)["prompt"] == ["a"]
-    with pytest.raises(ValueError, match=r"has no split 'test'; its splits are \['train'\]"):
-        load_prompts(args, split="test")
-
-
-def test_chat_prompt_and_system_prompt(tmp_path):
-    from trl_trm.train import TrainScriptArguments, load_prompts
-
-    data = tmp_path / "d.jsonl"
-    data.write_text(json.dumps({"question": "2+2?", "answer": "#### 4"}) + "\n")
-    args = TrainScriptArguments(dataset_name=str(data), prompt_column="question", system_prompt="Be brief.")
-    row = load_prompts(args)[0]
-    assert row["prompt"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]
-    assert row["answer"] == "#### 4" and "question" not in row
+    names = """BUILTIN_MODELS BUILTIN_PREFIX DatasetMixtureConfig GRPOScriptArguments JSONL_SCAN_BYTES LAUNCHED_ENV
+    LOCAL_FORMATS RUN_FILES TINY_MARKER TRACKERS TRL_REWARD_KWARGS TrainScriptArguments TrainingError _check_local_file
+    _config_num_processes _first_line _has_accelerator _jsonl_problem _launch_options _launch_value _load_file
+    _load_local _load_mixture _offline _offline_datasets _split_config_flag _split_launch_args build_trainer
+    check_dataset_size check_hub_model check_output_dir check_quantization check_report_to check_reward_columns
+    check_trained check_trl_rewards checkpoint_problem earlier_run_files launch_with_accelerate load_builtin_dataset
+    load_prompts load_recipe_yaml main_process_first make_parser parse_command parse_recipe resolve_checkpoint
+    resolve_model run_train""".split()
+    missing = [n for n in names if not hasattr(train, n)]
+    assert not missing, missing
+    for module in (checkpoints, data, launch, preflight, recipe):
+        for name in names:
+            if hasattr(module, name) and not name.startswith("__"):
+                assert getattr(train, name) is getattr(module, name), (module.__name__, name)

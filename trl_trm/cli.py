@@ -39,21 +39,14 @@ class PlotArguments:
 def _train(rest: list[str]) -> int:
     import os
 
-    from .train import LAUNCHED_ENV, launch_with_accelerate, parse_command, run_train
+    from . import train  # `train.run_train` is looked up at call time (tests replace it)
+    from .launch import LAUNCHED_ENV, launch_with_accelerate, strip_launch_tokens
+    from .recipe import parse_command
 
     (script_args, config, model_args), launch, launch_cli = parse_command(rest)
     if launch and os.environ.get(LAUNCHED_ENV) != "1":  # `trl grpo`'s way: rerun under `accelerate launch`
-        # The launched processes get the same arguments less the launch flags given on the command line (the
-        # launch tokens are an ordered subsequence of them: remove it in order); launch keys of the recipe are
-        # ignored there.
-        script_argv, pending = [], list(launch_cli)
-        for token in rest:
-            if pending and token == pending[0]:
-                pending.pop(0)
-            else:
-                script_argv.append(token)
-        return launch_with_accelerate(launch, script_argv, config)
-    trainer = run_train(script_args, config, model_args)
+        return launch_with_accelerate(launch, strip_launch_tokens(rest, launch_cli), config)
+    trainer = train.run_train(script_args, config, model_args)
     trainer.accelerator.print(f"trl-trm train: done; model, card and trm_stats in {config.output_dir}")
     trainer.end()  # finish trackers, flush and destroy the process group: multi-process runs exit cleanly
     return 0
@@ -61,7 +54,7 @@ def _train(rest: list[str]) -> int:
 
 def _demo(rest: list[str]) -> int:
     from .demo import demo_recipe_path, run_demo
-    from .train import _split_config_flag, parse_recipe
+    from .recipe import _split_config_flag, parse_recipe
 
     # The packaged recipe first, so command-line flags override it (TrlParser: CLI > config file). The demo is a
     # throwaway run: it starts over in its output_dir unless told otherwise (`--overwrite_output_dir false`).
