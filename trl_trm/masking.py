@@ -652,6 +652,78 @@ def estimator_weights(
         return torch.where(bad_rows.unsqueeze(-1), 0.0, weights)
 
 
+def mask_and_weights(
+    per_token_logps: torch.Tensor,
+    sampling_per_token_logps: torch.Tensor,
+    old_per_token_logps: torch.Tensor,
+    completion_mask: torch.Tensor,
+    *,
+    mode: str,
+    delta_max: float | None = DEFAULT_DELTA_MAX,
+    delta_avg: float | None = DEFAULT_DELTA_AVG,
+    geo_low: float | None = DEFAULT_GEO_LOW,
+    geo_high: float | None = DEFAULT_GEO_HIGH,
+    ratio_min: float | None = None,
+    ratio_max: float | None = DEFAULT_RATIO_MAX,
+    ratio_factor: bool = True,
+    kl_tok: torch.Tensor | None = None,
+    chi2_tok: torch.Tensor | None = None,
+    delta_kl: float | None = DEFAULT_DELTA_KL,
+    nonfinite: Literal["reject", "raise"] = "reject",
+) -> tuple[TrustRegionMaskOutput, torch.Tensor]:
+    """The mask of one batch and the (B, T) loss weights of the seeds' estimator, in one call: the batch entry point
+    of the math layer (what the trainer's mask evaluation needs).
+
+    Equals :func:`compute_trust_region_mask` on (``per_token_logps``, ``sampling_per_token_logps``,
+    ``completion_mask``) followed by :func:`estimator_weights` on (that result, ``old_per_token_logps``,
+    ``sampling_per_token_logps``, ``completion_mask``), bit for bit; ``result.token_weight_sum`` is then replaced by
+    the per-row sum of the returned weights (what the loss multiplies, so the `trm/token_weight` metric reports it).
+
+    Args:
+        per_token_logps: (B, T) log pi of the policy the mask checks (pi_theta, or pi_old for a mask against the
+            generation policy).
+        sampling_per_token_logps: (B, T) log pi_roll.
+        old_per_token_logps: (B, T) log pi_old, the denominator of the loss's ratio r_t.
+        completion_mask: (B, T) completion mask (times the tool mask when there is one).
+        mode, delta_max, delta_avg, geo_low, geo_high, ratio_min, kl_tok, chi2_tok, delta_kl, nonfinite: as in
+            :func:`compute_trust_region_mask`.
+        ratio_max: a float or None (a caller with an automatic clip resolves it first, e.g. with
+            :func:`seq_tis_auto_log_clip`).
+        ratio_factor: as in :func:`estimator_weights`.
+
+    Returns:
+        ``(result, weights)``: the :class:`TrustRegionMaskOutput` and the (B, T) weights.
+    """
+    result = compute_trust_region_mask(
+        per_token_logps,
+        sampling_per_token_logps,
+        completion_mask,
+        mode=mode,
+        delta_max=delta_max,
+        delta_avg=delta_avg,
+        geo_low=geo_low,
+        geo_high=geo_high,
+        ratio_min=ratio_min,
+        ratio_max=ratio_max,
+        kl_tok=kl_tok,
+        delta_kl=delta_kl,
+        nonfinite=nonfinite,
+        chi2_tok=chi2_tok,
+    )
+    weights = estimator_weights(
+        result,
+        old_per_token_logps,
+        sampling_per_token_logps,
+        completion_mask,
+        mode=mode,
+        ratio_min=ratio_min,
+        ratio_max=ratio_max,
+        ratio_factor=ratio_factor,
+    )  # (B, T)
+    result.token_weight_sum = weights.sum(dim=-1).to(result.token_weight_sum.dtype)  # (B,) what the loss multiplies
+    return result, weights
+
+
 def seq_tis_auto_log_clip(seq_log_ratio: torch.Tensor) -> float:
     """log C* of the Seq-TIS clip that minimises the bias/variance bound of ``003_*``: C* = sqrt(2 (1 + chi2_seq))
     with chi2_seq = mean_i exp(2 s_i) - 1, so log C* = (log 2 + logsumexp(2 s) - log N) / 2, computed in log space
