@@ -205,37 +205,8 @@ class TRMConfig(GRPOConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        topk = self.trm_rollout_topk
-        if not isinstance(topk, int) or isinstance(topk, bool) or topk < 0:
-            raise ValueError(
-                f"`trm_rollout_topk` must be an integer >= 0 (0 = no top-k capture), got {topk!r}. Use e.g. "
-                "`trm_rollout_topk=20`."
-            )
-        if self.trm_mode == "trm_exact" and topk < 1:
-            raise ValueError(
-                "`trm_mode='trm_exact'` needs `trm_rollout_topk >= 1`: the per-token KL is computed from the rollout "
-                "engine's top-k log-probs at every position, and `trm_rollout_topk=0` captures none. Set e.g. "
-                "`trm_rollout_topk=20` (vLLM: start the server with `--max-logprobs 20` or more), or use "
-                "`trm_mode='trm'`."
-            )
-        if isinstance(self.trm_ratio_max, str):  # the command line and YAML recipes give strings
-            text = self.trm_ratio_max.strip().lower()
-            if text == "auto":
-                if self.trm_mode != "seq_tis":
-                    raise ValueError(
-                        f"`trm_ratio_max='auto'` (the Seq-TIS optimal clip C*) is for `trm_mode='seq_tis'`; got "
-                        f"`trm_mode={self.trm_mode!r}`. Give a number, e.g. `trm_ratio_max=2.0`."
-                    )
-                self.trm_ratio_max = "auto"
-            elif text in ("none", "null"):
-                self.trm_ratio_max = None
-            else:
-                try:
-                    self.trm_ratio_max = float(text)
-                except ValueError:
-                    raise ValueError(
-                        f"`trm_ratio_max` must be a number, None or 'auto' (seq_tis), got {self.trm_ratio_max!r}."
-                    ) from None
+        self._trm_check_rollout_topk()
+        self._trm_parse_ratio_max()
         if not isinstance(self.trm_ratio_factor, bool):
             raise ValueError(f"`trm_ratio_factor` must be True or False, got {self.trm_ratio_factor!r}.")
         validate_thresholds(
@@ -255,18 +226,72 @@ class TRMConfig(GRPOConfig):
             )
         if self.trm_nonfinite not in ("reject", "raise"):
             raise ValueError(f"Unknown `trm_nonfinite` {self.trm_nonfinite!r}. Choose 'reject' or 'raise'.")
-        if self.trm_mode != "none":
-            if self.vllm_importance_sampling_correction:
+        self._trm_check_one_correction()
+        self._trm_check_accept_rate_settings()
+        if self.loss_type == "vespo" and self.trm_mode != "none":
+            raise ValueError(
+                "`loss_type='vespo'` applies its own sequence-level importance weighting; it cannot be combined with "
+                f"`trm_mode={self.trm_mode!r}`. Use another `loss_type`, or `trm_mode='none'`."
+            )
+
+    def _trm_check_rollout_topk(self) -> None:
+        """`trm_rollout_topk` is an integer >= 0, and >= 1 for `trm_exact`."""
+        topk = self.trm_rollout_topk
+        if not isinstance(topk, int) or isinstance(topk, bool) or topk < 0:
+            raise ValueError(
+                f"`trm_rollout_topk` must be an integer >= 0 (0 = no top-k capture), got {topk!r}. Use e.g. "
+                "`trm_rollout_topk=20`."
+            )
+        if self.trm_mode == "trm_exact" and topk < 1:
+            raise ValueError(
+                "`trm_mode='trm_exact'` needs `trm_rollout_topk >= 1`: the per-token KL is computed from the rollout "
+                "engine's top-k log-probs at every position, and `trm_rollout_topk=0` captures none. Set e.g. "
+                "`trm_rollout_topk=20` (vLLM: start the server with `--max-logprobs 20` or more), or use "
+                "`trm_mode='trm'`."
+            )
+
+    def _trm_parse_ratio_max(self) -> None:
+        """A string `trm_ratio_max` (the command line and YAML recipes give strings) becomes "auto" (`seq_tis` only),
+        None or a float."""
+        if not isinstance(self.trm_ratio_max, str):
+            return
+        text = self.trm_ratio_max.strip().lower()
+        if text == "auto":
+            if self.trm_mode != "seq_tis":
                 raise ValueError(
-                    f"`trm_mode={self.trm_mode!r}` and `vllm_importance_sampling_correction=True` would apply two "
-                    "off-policy corrections. Set `vllm_importance_sampling_correction=False` (TRM replaces it), or "
-                    "`trm_mode='none'` to keep TRL's correction and log TRM diagnostics only."
+                    f"`trm_ratio_max='auto'` (the Seq-TIS optimal clip C*) is for `trm_mode='seq_tis'`; got "
+                    f"`trm_mode={self.trm_mode!r}`. Give a number, e.g. `trm_ratio_max=2.0`."
                 )
-            if self.off_policy_mask_threshold is not None:
+            self.trm_ratio_max = "auto"
+        elif text in ("none", "null"):
+            self.trm_ratio_max = None
+        else:
+            try:
+                self.trm_ratio_max = float(text)
+            except ValueError:
                 raise ValueError(
-                    f"`trm_mode={self.trm_mode!r}` and `off_policy_mask_threshold` would apply two off-policy "
-                    "corrections. Set `off_policy_mask_threshold=None`, or `trm_mode='none'`."
-                )
+                    f"`trm_ratio_max` must be a number, None or 'auto' (seq_tis), got {self.trm_ratio_max!r}."
+                ) from None
+
+    def _trm_check_one_correction(self) -> None:
+        """With `trm_mode != "none"`, TRL's own off-policy corrections must be off: exactly one is ever applied."""
+        if self.trm_mode == "none":
+            return
+        if self.vllm_importance_sampling_correction:
+            raise ValueError(
+                f"`trm_mode={self.trm_mode!r}` and `vllm_importance_sampling_correction=True` would apply two "
+                "off-policy corrections. Set `vllm_importance_sampling_correction=False` (TRM replaces it), or "
+                "`trm_mode='none'` to keep TRL's correction and log TRM diagnostics only."
+            )
+        if self.off_policy_mask_threshold is not None:
+            raise ValueError(
+                f"`trm_mode={self.trm_mode!r}` and `off_policy_mask_threshold` would apply two off-policy "
+                "corrections. Set `off_policy_mask_threshold=None`, or `trm_mode='none'`."
+            )
+
+    def _trm_check_accept_rate_settings(self) -> None:
+        """The accept-rate warning (`trm_accept_rate_floor` / `_patience`) and the adaptive controller
+        (`trm_target_accept_rate`, `trm` mode only; its settings are validated now, not at the first step)."""
         if self.trm_accept_rate_floor is not None and not 0.0 < self.trm_accept_rate_floor <= 1.0:
             raise ValueError(
                 f"`trm_accept_rate_floor` must lie in (0, 1] (or be None to disable the warning), got "
@@ -281,11 +306,6 @@ class TRMConfig(GRPOConfig):
                     f"uses; got `trm_mode={self.trm_mode!r}`. Unset `trm_target_accept_rate` or use `trm_mode='trm'`."
                 )
             self.make_adaptive_thresholds()  # validates the controller settings now, not at the first step
-        if self.loss_type == "vespo" and self.trm_mode != "none":
-            raise ValueError(
-                "`loss_type='vespo'` applies its own sequence-level importance weighting; it cannot be combined with "
-                f"`trm_mode={self.trm_mode!r}`. Use another `loss_type`, or `trm_mode='none'`."
-            )
 
     def make_adaptive_thresholds(self):
         """The threshold controller configured by the `trm_target_accept_rate` / `trm_adapt_*` fields."""
