@@ -60,7 +60,7 @@ from torch.profiler import ProfilerActivity, profile
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import trl_trm.masking as masking  # noqa: E402
+import trl_trm.row_blocks as row_blocks  # noqa: E402
 from trl_trm.masking import TRM_MODES, compute_trust_region_mask  # noqa: E402
 
 SIZES: list[tuple[int, int]] = [(64, 1024), (256, 4096), (256, 8192), (512, 16384)]
@@ -153,12 +153,12 @@ def calibrate_memory_method() -> None:
 def all_threads(*args, **kwargs):
     """`compute_trust_region_mask` with its CPU block loop on all of the caller's torch threads (the loop before it
     ran on one thread; results are bit-identical): the `--all-threads` reference."""
-    saved = masking._CPU_BLOCK_THREADS
-    masking._CPU_BLOCK_THREADS = None
+    saved = row_blocks._CPU_BLOCK_THREADS
+    row_blocks._CPU_BLOCK_THREADS = None
     try:
         return compute_trust_region_mask(*args, **kwargs)
     finally:
-        masking._CPU_BLOCK_THREADS = saved
+        row_blocks._CPU_BLOCK_THREADS = saved
 
 
 # ---------------------------------------------------------------------------------------------------- timing

@@ -14,7 +14,7 @@ from typing import Literal
 import pytest
 import torch
 
-import trl_trm.masking as masking
+import trl_trm.row_blocks as row_blocks
 from trl_trm.masking import (
     DEFAULT_DELTA_AVG,
     DEFAULT_DELTA_KL,
@@ -397,13 +397,13 @@ def two_threads():
 def block_threads(monkeypatch):
     """The torch thread count seen by every `_fill_row_block` call (so a test knows which loop ran)."""
     seen = []
-    original = masking._fill_row_block
+    original = row_blocks._fill_row_block
 
     def spy(*args):
         seen.append(torch.get_num_threads())
         return original(*args)
 
-    monkeypatch.setattr(masking, "_fill_row_block", spy)
+    monkeypatch.setattr(row_blocks, "_fill_row_block", spy)
     return seen
 
 
@@ -458,7 +458,7 @@ def test_thread_count_is_restored_after_an_error(monkeypatch, two_threads):
         assert torch.get_num_threads() == 1
         raise RuntimeError("boom in a block")
 
-    monkeypatch.setattr(masking, "_fill_row_block", failing)
+    monkeypatch.setattr(row_blocks, "_fill_row_block", failing)
     theta, roll, mask, _ = _inputs(64, 8192, torch.float32, 0)
     with pytest.raises(RuntimeError, match="boom in a block"):
         compute_trust_region_mask(theta, roll, mask)
@@ -466,7 +466,7 @@ def test_thread_count_is_restored_after_an_error(monkeypatch, two_threads):
 
 
 def test_all_threads_setting_keeps_the_callers_threads(monkeypatch, two_threads, block_threads):
-    monkeypatch.setattr(masking, "_CPU_BLOCK_THREADS", None)
+    monkeypatch.setattr(row_blocks, "_CPU_BLOCK_THREADS", None)
     theta, roll, mask, _ = _inputs(64, 8192, torch.float32, 0)
     _assert_identical(
         compute_trust_region_mask(theta, roll, mask), reference_compute_trust_region_mask(theta, roll, mask), "None"
