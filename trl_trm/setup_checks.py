@@ -1,5 +1,5 @@
 """`TRMTrainer`'s start-up checks: settings under which TRM would be silently wrong, each refused with one error naming
-the fix. Plain values in, no TRL import (TRL's config class is imported only to name it in an error).
+the fix. No TRL import (TRL's config class is imported only to name it in an error).
 
 The checks of a rollout engine live beside it: :func:`trl_trm.topk.check_topk_setup` (`trm_rollout_topk`) and
 :func:`trl_trm.vllm_checks.check_vllm_logprobs` (vLLM's log-prob settings).
@@ -29,20 +29,17 @@ def trm_config_for(model: Any, args: Any):
     return args
 
 
-def check_trainer_setup(
-    trm_mode: str, *, continuous_batching: bool, aux_loss: bool, fsdp: Any, distributed_type: Any
-) -> None:
-    """Refuse a trainer set-up TRM cannot serve.
+def check_trainer_setup(trainer: Any) -> None:
+    """Refuse a `TRMTrainer` set-up TRM cannot serve (read from the built ``trainer``, duck-typed):
 
-    Args:
-        trm_mode: `TRMConfig.trm_mode`.
-        continuous_batching: transformers continuous batching generates the rollouts (no `rollout_func`): it reports no
-            log-probs.
-        aux_loss: the MoE router auxiliary loss is on: TRL adds it as one scalar, which no mask can reach.
-        fsdp: `TrainingArguments.fsdp`; distributed_type: what Accelerate runs (`accelerator.distributed_type`).
-            Accelerate 1.15 switches to FSDP only for accelerator process groups, so `fsdp` with `use_cpu=True` would
-            train with plain DDP (docs/distributed.md).
+    * transformers continuous batching generating the rollouts (no `rollout_func`): it reports no log-probs;
+    * the MoE router auxiliary loss: TRL adds it as one scalar, which no mask can reach;
+    * `fsdp` set while Accelerate runs something else: accelerate 1.15 switches to FSDP only for accelerator process
+      groups, so `fsdp` with `use_cpu=True` would train with plain DDP (docs/distributed.md).
     """
+    args, distributed_type = trainer.args, trainer.accelerator.distributed_type
+    trm_mode, fsdp = args.trm_mode, args.fsdp
+    continuous_batching = trainer.use_transformers_continuous_batching and trainer.rollout_func is None
     if continuous_batching and trm_mode != "none":
         raise ValueError(
             f"`trm_mode={trm_mode!r}` needs the rollout log-probs, but transformers continuous batching "
@@ -50,7 +47,7 @@ def check_trainer_setup(
             "plain transformers generation (`use_transformers_continuous_batching=False`), or a `rollout_func` "
             "that returns `logprobs`."
         )
-    if aux_loss and trm_mode != "none":
+    if trainer.aux_loss_enabled and trm_mode != "none":
         raise ValueError(
             f"`trm_mode={trm_mode!r}` cannot mask the MoE router auxiliary loss: TRL adds it as one scalar "
             "over every token of the micro-batch, so a rejected sequence would still move the router. Set "
