@@ -157,7 +157,7 @@ def setup(spec: dict):
 
 
 def worker(spec: dict) -> dict:
-    import trl_trm.topk as topk_module
+    import trl_trm.lm_head as topk_module
 
     calibrate_memory_method()
     if "head_chunk_elements" in spec:

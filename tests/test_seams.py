@@ -72,3 +72,19 @@ def test_trl_log_averages_metric_lists_and_clears_them():
     src = inspect.getsource(GRPOTrainer.log)
     assert "sum(valid) / len(valid)" in src
     assert "self._metrics[mode].clear()" in src
+
+
+def test_class_docstring_lists_exactly_the_trl_methods_it_overrides():
+    # The class docstring is the map of the trainer: every GRPOTrainer/Trainer method TRMTrainer overrides is listed
+    # there with its reason, and nothing else is.
+    import re
+
+    overridden = {
+        name
+        for name, value in vars(TRMTrainer).items()
+        if callable(value) and not name.startswith("_trm") and hasattr(GRPOTrainer, name)
+    }
+    bullets = [line.strip() for line in TRMTrainer.__doc__.splitlines() if line.strip().startswith("* `")]
+    listed = {name for line in bullets for name in re.findall(r"`(\w+)`", line.split(":")[0])}
+    assert overridden == listed
+    assert "_generate_single_turn" in overridden and "log" in overridden

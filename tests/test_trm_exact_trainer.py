@@ -28,15 +28,15 @@ def _vocab(trainer) -> int:
 
 
 def _spy_kl(monkeypatch):
-    """Record the `kl_tok` the trainer passes to `compute_trust_region_mask`."""
+    """Record the `kl_tok` the trainer passes to `mask_and_weights`."""
     seen = []
-    original = trainer_module.compute_trust_region_mask
+    original = trainer_module.mask_and_weights
 
     def spy(*args, **kwargs):
         seen.append(kwargs.get("kl_tok"))
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(trainer_module, "compute_trust_region_mask", spy)
+    monkeypatch.setattr(trainer_module, "mask_and_weights", spy)
     return seen
 
 

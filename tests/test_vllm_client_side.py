@@ -274,3 +274,42 @@ def test_vllm_engine_problems(config, requested, expected):
 def test_vllm_engine_problems_colocate_fix_names_the_colocate_setting():
     (problem,) = vllm_engine_problems({"logprobs_mode": "processed_logprobs", "max_logprobs": 20}, 32, server=False)
     assert "trm_rollout_topk <= 20" in problem and "--max-logprobs" in problem
+
+
+def _check_args(trm_mode="trm", topk=0, generation_kwargs=None):
+    return SimpleNamespace(trm_mode=trm_mode, trm_rollout_topk=topk, generation_kwargs=generation_kwargs)
+
+
+def test_check_vllm_logprobs_server_verdict_comes_from_the_main_process_by_broadcast():
+    from trl_trm.vllm_checks import check_vllm_logprobs
+
+    asked, broadcasts = [], []
+
+    def broadcast(verdict):
+        broadcasts.append(list(verdict))
+        verdict[0] = ["the main process's problem"]  # what rank 0 sent
+
+    client = SimpleNamespace(get_server_info=lambda: asked.append(1) or {"model_config": {}})
+    generation = SimpleNamespace(logprobs=0, vllm_client=client)
+    with pytest.raises(ValueError, match="the main process's problem"):
+        check_vllm_logprobs(_check_args(), generation, "server", False, broadcast)  # not the main process
+    assert asked == [] and broadcasts == [[None]]
+    ok = {"model_config": {"logprobs_mode": "processed_logprobs", "max_logprobs": -1}}
+    generation.vllm_client = SimpleNamespace(get_server_info=lambda: ok)
+    check_vllm_logprobs(_check_args(), generation, "server", True, lambda verdict: None)
+
+
+def test_check_vllm_logprobs_colocate_engine_and_generation_kwargs():
+    from trl_trm.vllm_checks import check_vllm_logprobs
+
+    config = SimpleNamespace(logprobs_mode="processed_logprobs", max_logprobs=20)
+    generation = SimpleNamespace(logprobs=0, llm=SimpleNamespace(llm_engine=SimpleNamespace(model_config=config)))
+    check_vllm_logprobs(_check_args(), generation, "colocate", True, None)
+    generation.logprobs = 32  # `trm_rollout_topk=32` set it
+    with pytest.raises(ValueError, match=r"^vLLM will not report the rollout log-probs TRM needs:\n- .*<= 20"):
+        check_vllm_logprobs(_check_args(topk=32), generation, "colocate", True, None)
+    with pytest.raises(ValueError, match="Remove `logprobs` from `generation_kwargs`"):
+        check_vllm_logprobs(_check_args(generation_kwargs={"logprobs": None}), generation, "colocate", True, None)
+    with pytest.warns(UserWarning, match="The trm/ diagnostics would be wrong") as record:
+        check_vllm_logprobs(_check_args("none", topk=32), generation, "colocate", True, None, stacklevel=1)
+    assert record[0].filename == __file__  # stacklevel counts from the caller

@@ -1,7 +1,8 @@
 """Trust Region Masking (TRM) for TRL: sequence-level masking against rollout/training mismatch.
 
-`trl_trm.masking` and `trl_trm.bounds` are pure torch and import nothing from TRL; `TRMConfig`, `TRMTrainer`
-and `TRMStatsCallback` are imported lazily so the math can be used without TRL installed.
+`trl_trm.masking` and `trl_trm.bounds` (the math) and `trl_trm.window` (the `trm/` logging window) are pure torch
+and import nothing from TRL; `TRMConfig`, `TRMTrainer` and `TRMStatsCallback` are imported lazily so the math can be
+used without TRL installed. `TRMTrainer` (`trl_trm.trainer`) only wires TRL's seams to those collaborators.
 """
 
 import warnings

@@ -13,35 +13,32 @@ repetition penalty and every other logits processor. :func:`record_sampling_logp
   after it is appended to the sequence, in the same decoding step, and reduces the step's (B, V) scores to the
   sampled token's log-prob (and, with ``topk``, the top-k), then drops them.
 
-Generation itself is untouched: `generate` returns what the caller asked for (TRL: a plain token tensor) and the
-sampled tokens are the same. The recorded values are bit-identical to reducing `output_scores=True` scores with
-:func:`processed_logprobs` (the same `log_softmax`/`gather`/`topk` on the same tensors; `tests/test_rollout.py` checks
-it with `torch.equal` for every sampler setting).
+Generation itself is untouched: `generate` returns what the caller asked for (TRL: a plain token tensor), the same
+sampled tokens. The recorded values are bit-identical to reducing `output_scores=True` scores with
+:func:`processed_logprobs` (same operations on the same tensors; `tests/test_rollout.py` checks it with `torch.equal`).
 
 Only multinomial sampling (`do_sample=True`, `num_beams=1`, no assistant / prompt lookup) has a per-token sampling
 distribution. For any other generation mode (greedy, beam search, contrastive, assisted, constrained) nothing is
-recorded and `recorder.problem` names the mode and the settings that selected it; the trainer turns that into an error
-(TRM modes) or one warning (`trm_mode="none"`). A `generate` that produces tokens without running transformers'
-sampler (a mock, a replaced `generate`) records nothing either; the trainer checks the recorded tokens against the
-completion it receives.
+recorded and `recorder.problem` names the mode and the settings that selected it. A `generate` that produces tokens
+without running transformers' sampler (a mock, a replaced `generate`) records nothing either. The trainer's
+:class:`RolloutLogprobChecks` checks the recorded tokens against the completion it receives (:func:`recording_problem`)
+and turns a problem into an error (TRM modes) or one warning (`trm_mode="none"`).
 
 With ``topk=k > 0`` (`trm_exact`, see :mod:`trl_trm.topk`) each step's processed distribution is also reduced to its
-k most probable tokens: (B, T, k) log-probs and ids, sorted by descending probability. The sampled token is not
-added as an extra slot: its log-prob is the sampled-token log-prob above, and the loss adds it as one more outcome
-when it is not among the top-k. Tokens removed by top-k/top-p sampling have log-prob -inf (probability 0); if fewer
-than k tokens are left they still fill slots, with -inf, which is exact information, not missing data.
+k most probable tokens: (B, T, k) log-probs and ids, sorted by descending probability (the sampled token is not added
+as a slot: the loss adds it as one more outcome when it is not among them). Tokens removed by top-k/top-p sampling
+have log-prob -inf; if fewer than k are left they still fill slots, with -inf: exact information, not missing data.
 
-Memory: the capture keeps O(B·T) values (O(B·T·k) with ``topk``): one float32 log-prob and one token id per generated
-token. Nothing of size V outlives a decoding step: each step's (B, V) scores are reduced when the sampled token
-arrives, in the same step (one float32 (B, V) `log_softmax` temporary at a time). `output_scores=True` is no longer
-requested, so `generate` does not hold a (B, V) tensor per step. At V = 151,936 and 32 completions x 256 tokens
-that was a 4.76 GiB peak against GRPOTrainer's 2.21 GiB; the step-by-step capture peaks at GRPOTrainer's own
-(`benchmarks/bench_capture_memory.py`).
+Memory: O(B·T) values (O(B·T·k) with ``topk``), one float32 log-prob and one token id per generated token; each
+step's (B, V) scores are reduced in the same step (one float32 (B, V) `log_softmax` temporary at a time) and
+`output_scores=True` is not requested. At V = 151,936 and 32 completions x 256 tokens holding the scores peaked at
+4.76 GiB against GRPOTrainer's 2.21 GiB; the capture peaks at GRPOTrainer's own (`benchmarks/bench_capture_memory.py`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -369,3 +366,85 @@ def check_rollout_logprobs(completion_ids: list, logprobs: Any) -> None:
                 "log-probability is <= 0, so this looks like a probability. Return `math.log(p)` (vLLM: "
                 "`Logprob.logprob`, not its `exp`). " + fix
             )
+
+
+class RolloutLogprobChecks:
+    """The trainer's checks of each generated batch's rollout log-probs, before TRL pads them. Missing log-probs are an
+    error with a TRM mode (the mask needs them), one warning per trainer with `trm_mode="none"` (no `trm/` metrics)."""
+
+    warned = False  # set on the instance by its first warning
+
+    def _missing(self, trm_mode: str, error: str, warning: str) -> None:
+        if trm_mode != "none":
+            raise ValueError(error)
+        if not self.warned:
+            warnings.warn(warning, stacklevel=4)  # the caller of the trainer method that called us
+            self.warned = True
+
+    def recorded(self, recorder: _Recorder, completion_ids: list, trm_mode: str) -> list[list[float]] | None:
+        """One generation turn's per-token log-probs from :func:`record_sampling_logprobs`'s ``recorder``, checked to
+        belong to the completion tokens TRL received; None (warned) when there are none and `trm_mode="none"`."""
+        if recorder.problem is None and recorder.logprobs is None and not any(completion_ids):
+            return [[] for _ in completion_ids]  # nothing was generated, nothing to record
+        problem = recording_problem(recorder, completion_ids)
+        if problem is None:
+            recorded_logprobs = recorder.logprobs.cpu()  # (B, T_gen) float32
+            return [recorded_logprobs[i, : len(ids)].tolist() for i, ids in enumerate(completion_ids)]
+        error = f"`trm_mode={trm_mode!r}` needs the rollout log-probs: {problem}"
+        self._missing(trm_mode, error, f"{problem} The trm/ diagnostics are skipped (trm_mode='none').")
+        return None
+
+    def generated(self, completion_ids: list, logprobs: list | None, trm_mode: str, rollout_func: bool) -> None:
+        """`GRPOTrainer._generate`'s log-probs: present with a TRM mode, well formed from a ``rollout_func``, and one
+        per completion token (TRL would pad a short list silently)."""
+        if logprobs is None:
+            source = "`rollout_func`" if rollout_func else "the generation backend"
+            error = (
+                f"`trm_mode={trm_mode!r}` needs the rollout engine's per-token log-probs, but {source} returned "
+                "`logprobs=None`. Return one log-prob per completion token (vLLM: `SamplingParams(logprobs=0)` gives "
+                "the sampled token's), or set `trm_mode='none'`."
+            )
+            warning = "No rollout log-probs are available (trm_mode='none'): the trm/ diagnostics are not logged."
+            return self._missing(trm_mode, error, warning)
+        if rollout_func:
+            check_rollout_logprobs(completion_ids, logprobs)
+        for i, (ids, lps) in enumerate(zip(completion_ids, logprobs, strict=True)):
+            if len(ids) != len(lps):
+                raise ValueError(
+                    f"Rollout log-probs do not match the completion: sequence {i} has {len(ids)} completion "
+                    f"tokens but {len(lps)} log-probs. Return exactly one log-prob per completion token."
+                )
+
+
+def recording_problem(recorder: _Recorder, completion_ids: list[list[int]]) -> str | None:
+    """Why the ``recorder``'s log-probs are not those of ``completion_ids`` (a non-sampling generation mode, a
+    `generate` that does not run transformers' sampler, changed rows or tokens), or None when they are."""
+    if recorder.problem is not None:
+        return (
+            f"`generate` ran in {recorder.problem} mode, which has no per-token sampling distribution, so there "
+            "are no rollout log-probs (beam search scores are per beam, greedy decoding is deterministic). Use "
+            "multinomial sampling: remove `num_beams` (or set `num_beams=1`) and keep `do_sample=True` in "
+            "`generation_kwargs` (and in the model's `generation_config`)."
+        )
+    if recorder.logprobs is None:
+        return (
+            f"`model.generate` returned {len(completion_ids)} completions, but no token was sampled through "
+            "transformers' decoding loop (`generate` is replaced or wrapped so that `GenerationMixin.generate` "
+            "never runs, e.g. a mock returning fixed tokens), so their rollout log-probs are unknown. Call the "
+            "model's own `generate`, or supply the log-probs with a `rollout_func`."
+        )
+    recorded = recorder.token_ids.cpu()  # (B, T_gen), one device-to-host copy
+    if recorded.size(0) != len(completion_ids):
+        return (
+            f"`model.generate` recorded {recorded.size(0)} sampled rows for {len(completion_ids)} completions "
+            "(`num_return_sequences` or a wrapped `generate` changed the rows), so the log-probs cannot be "
+            "matched to the completions. Leave `num_return_sequences` unset (TRL repeats prompts itself)."
+        )
+    for i, ids in enumerate(completion_ids):
+        if len(ids) > recorded.size(1) or recorded[i, : len(ids)].tolist() != list(ids):
+            return (
+                f"Completion {i} is not the token sequence that transformers sampled (a wrapped `generate` "
+                "changed the tokens), so its rollout log-probs are unknown. Return the sampled tokens "
+                "unchanged, or supply the log-probs with a `rollout_func`."
+            )
+    return None

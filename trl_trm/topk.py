@@ -24,46 +24,61 @@ Capture, per rollout path
   of at most k entries (:func:`from_rollout_func`). A shorter list is padded with masked slots and counted in
   `trm/topk_missing_frac`; a longer one is an error.
 
-π_θ at the stored ids (:class:`FusedHeadCapture`): TRL 1.16 computes the training log-probs with a fused LM head
-(`trl.trainer.utils.add_fused_lm_head`) that never materialises the (B, T, V) logits and returns only the sampled
-token's log-prob. The narrowest seam is its per-chunk helper `_ChunkedLogProbFunction.apply(hidden, weight, bias,
-targets, temperature, ...)`, looked up as a module global of `trl.trainer.utils` at every call: for the duration of
-one `_get_per_token_logps_and_entropies` call it is wrapped, and each call also computes, under `no_grad` and from the
-same hidden states, weight, temperature, logit scale and soft-capping, log-softmax at the k+1 ids of every valid
-completion position (:func:`head_logprobs_at`, in row chunks of at most `HEAD_CHUNK_ELEMENTS` logits). No second
-forward pass runs; the extra cost is one gradient-free LM-head projection of the completion tokens. The mask is
-computed without gradient anyway, so the gradient of the loss is unchanged.
+π_θ at the stored ids comes from the training forward itself (:class:`~trl_trm.lm_head.FusedHeadCapture`, which
+wraps TRL's fused LM head for one call; :func:`head_capture` builds it for a batch and :func:`split_head_result`
+reads it back). `head_logprobs_at`, `FusedHeadCapture`, `HEAD_CHUNK_ELEMENTS` and `VOCAB_CHUNK` live in
+:mod:`trl_trm.lm_head` and are importable from here too.
 
-Sampler processors (:mod:`trl_trm.processors`, `docs/samplers.md`): the rollout's log-probs are processed (top-k /
-top-p / min-p / repetition penalty). With a :class:`~trl_trm.processors.SamplerProcessors` the capture applies them
-to the same projected logits, one block of rows at a time, and returns the processed log π_θ at its ids (the sampled
-token alone, ``ids = completion_ids[..., None]``, or the top-k ids and the sampled token): O(B·T·(k+1)) results.
-
-Everything here but :class:`FusedHeadCapture` (which patches TRL) is pure torch.
+The trainer's top-k plumbing (`TRMTrainer` calls each once): :func:`check_topk_setup` at start-up,
+:func:`record_vllm_generate` on the vLLM path, :func:`completion_topk` when a batch is generated, :func:`topk_coverage`
+for `trm/topk_missing_frac`, and :func:`topk_kl_terms` for the mask's per-token KL and χ² inputs. Everything here
+but :func:`head_capture` (which builds a capture of TRL's head) is pure torch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from .masking import topk_token_kl
-from .processors import PROCESSOR_CHUNK_ELEMENTS, SamplerProcessors, first_occurrence
+from .lm_head import HEAD_CHUNK_ELEMENTS, VOCAB_CHUNK, FusedHeadCapture, head_logprobs_at
+from .masking import topk_token_chi2, topk_token_kl
+from .processors import SamplerProcessors
+
+__all__ = [  # the names moved to `trl_trm.lm_head` stay importable from here
+    "BATCH_KEYS",
+    "HEAD_CHUNK_ELEMENTS",
+    "ROLLOUT_FUNC_KEYS",
+    "VOCAB_CHUNK",
+    "FusedHeadCapture",
+    "SequenceTopK",
+    "check_distinct_ids",
+    "check_topk_setup",
+    "completion_topk",
+    "from_padded",
+    "from_rollout_func",
+    "from_vllm",
+    "head_capture",
+    "head_logprobs_at",
+    "ids_with_sampled",
+    "pad_topk",
+    "record_vllm_generate",
+    "rollout_topk_kl",
+    "rollout_topk_outcomes",
+    "split_head_result",
+    "topk_coverage",
+    "topk_kl_terms",
+]
 
 BATCH_KEYS = ("trm_topk_logprobs", "trm_topk_ids", "trm_topk_mask")
 """Keys of the padded (B, T, k) top-k tensors in TRL's batch dict."""
 
 ROLLOUT_FUNC_KEYS = ("topk_logprobs", "topk_token_ids")
 """Extra keys a `rollout_func` returns for `trm_exact` (removed before TRL forwards extra keys to reward functions)."""
-
-HEAD_CHUNK_ELEMENTS = 1 << 24
-"""Most logits :func:`head_logprobs_at` holds at once (64 MiB in float32; the peak is about twice that)."""
-
-VOCAB_CHUNK = 32768
-"""Vocabulary columns per projection tile, as TRL's fused head (`_CHUNKED_LOGPROB_CHUNK_SIZE`)."""
 
 
 @dataclass
@@ -304,278 +319,128 @@ def rollout_topk_outcomes(
     return roll, mask
 
 
-def head_logprobs_at(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    ids: torch.Tensor,
-    *,
-    temperature: float = 1.0,
-    final_logit_softcapping: float | None = None,
-    logit_scale: float = 1.0,
-    compute_dtype: torch.dtype | None = None,
-    max_chunk_elements: int | None = None,
-    processors: SamplerProcessors | None = None,
-    first_seen: torch.Tensor | None = None,
-    row_sequence: torch.Tensor | None = None,
-    row_position: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """log softmax_v(z) at ``ids`` for z = softcap(logit_scale · (hidden @ weight.T + bias)) / temperature, the
-    distribution TRL's fused LM head scores, without gradient; with ``processors``, the log-probs of the sampler's
-    processed distribution instead (``processors.logprobs_at`` on z before temperature: the processors carry their
-    own temperature, the generation one).
-
-    The projection runs in ``compute_dtype`` (the autocast dtype during training, as TRL's head), the softmax in
-    float32, in blocks of rows so that at most ``max_chunk_elements`` (default: the module's
-    :data:`HEAD_CHUNK_ELEMENTS`, read at call time; with processors, which sort, at most
-    :data:`trl_trm.processors.PROCESSOR_CHUNK_ELEMENTS`) logits exist at once.
-
-    Args:
-        hidden: (N, H) final hidden states. weight: (V, H). bias: (V,) or None. ids: (N, K) long, < V.
-        processors: the sampler's processors, or None (temperature only).
-        first_seen: (S, V) long, with a repetition penalty: :func:`trl_trm.processors.first_occurrence` of the
-            S sequences the rows belong to.
-        row_sequence, row_position: (N,) long, with a repetition penalty: each row's sequence (index into
-            ``first_seen``) and completion position; token v is in row n's context iff
-            ``first_seen[row_sequence[n], v] < row_position[n]``.
-
-    Returns:
-        (N, K) float32 log π_θ(ids | c).
-    """
-    n, k = ids.shape
-    vocab = weight.size(0)
-    out = torch.empty(n, k, dtype=torch.float32, device=hidden.device)
-    if n == 0:
-        return out
-    if bool((ids >= vocab).any()) or bool((ids < 0).any()):
-        raise ValueError(f"Rollout top-k token ids must lie in [0, {vocab}) (the LM head's vocabulary).")
-    context = processors is not None and processors.uses_context
-    if context and (first_seen is None or row_sequence is None or row_position is None):
-        raise ValueError("A repetition penalty needs `first_seen`, `row_sequence` and `row_position`.")
-    cd = compute_dtype or hidden.dtype
-    budget = HEAD_CHUNK_ELEMENTS if max_chunk_elements is None else max_chunk_elements
-    if processors is not None:
-        budget = min(budget, PROCESSOR_CHUNK_ELEMENTS)
-    rows = max(1, min(n, budget // max(vocab, 1)))
-    inv_t = 1.0 / temperature
-    with torch.no_grad():
-        for r0 in range(0, n, rows):
-            r1 = min(r0 + rows, n)
-            h = hidden[r0:r1].detach().to(cd)  # (r, H)
-            z = torch.empty(r1 - r0, vocab, dtype=torch.float32, device=hidden.device)  # (r, V)
-            for v0 in range(0, vocab, VOCAB_CHUNK):
-                v1 = min(v0 + VOCAB_CHUNK, vocab)
-                w = weight[v0:v1].detach().to(cd).t()  # (H, chunk)
-                if cd == torch.float32 and v1 - v0 == vocab:
-                    torch.mm(h, w, out=z)  # one tile: straight into z
-                else:
-                    z[:, v0:v1] = h @ w  # (r, chunk) in the compute dtype, as TRL's head, then widened
-                if bias is not None:
-                    z[:, v0:v1] += bias[v0:v1].detach().to(cd).float()
-            z.mul_(logit_scale)
-            if final_logit_softcapping is not None:
-                z.div_(final_logit_softcapping).tanh_().mul_(final_logit_softcapping)
-            if processors is not None:
-                seen = None
-                if context:
-                    first = first_seen[row_sequence[r0:r1]]  # (r, V)
-                    seen = first < row_position[r0:r1].unsqueeze(-1)  # (r, V) token in the row's context
-                out[r0:r1] = processors.logprobs_at(z, ids[r0:r1], seen)  # (r, K)
-                del z
-                continue
-            z.mul_(inv_t)
-            picked = z.gather(-1, ids[r0:r1])  # (r, K)
-            top = z.amax(dim=-1, keepdim=True)  # (r, 1); log-sum-exp in place: z is not needed afterwards
-            log_z = z.sub_(top).exp_().sum(dim=-1, keepdim=True).log_().add_(top)  # (r, 1)
-            out[r0:r1] = picked - log_z
-            del z
-    return out
+# --------------------------------------------------------------------------- the trainer's top-k plumbing
+def check_topk_setup(k: int, continuous_batching: bool, rollout_func: bool, tools: bool) -> None:
+    """Refuse, at start-up, a rollout path that cannot deliver the top-k of `trm_rollout_topk = k > 0`."""
+    if continuous_batching and not rollout_func:
+        raise ValueError(
+            f"`trm_rollout_topk={k}` needs the rollout's top-k log-probs, which transformers continuous batching "
+            "does not report. Use vLLM, plain transformers generation, or a `rollout_func` returning "
+            "`topk_logprobs`/`topk_token_ids`."
+        )
+    if tools:
+        raise ValueError(
+            f"`trm_rollout_topk={k}` (trm_exact) does not support tool calling / `environment_factory` yet: "
+            "multi-turn completions interleave tool tokens with several generation turns. Use `trm_mode='trm'`."
+        )
 
 
-def _bind_head_args(
-    hidden,
-    weight,
-    bias,
-    targets,
-    temperature,
-    chunk_size=None,
-    final_logit_softcapping=None,
-    logit_scale=1.0,
-    *rest,
-    **kwargs,
-):
-    return hidden, weight, bias, targets, temperature, final_logit_softcapping, logit_scale
+@contextlib.contextmanager
+def record_vllm_generate(engine: Any) -> Iterator[list[tuple]]:
+    """Within the context, every `engine.generate(...)` (TRL's `VLLMGeneration`) also appends what it returned,
+    `(prompt_ids, completion_ids, logprobs, logprob_token_ids, ...)`, to the yielded list. With `logprobs=k`, TRL keeps
+    `lp[0]`, the most probable token's log-prob, not the sampled one's: :func:`from_vllm` reads these by id."""
+    original, shadowed, returned = engine.generate, "generate" in vars(engine), []
 
+    def generate(*args, **kwargs):
+        returned.append(original(*args, **kwargs))
+        return returned[-1]
 
-class _HeadProxy:
-    """Stands in for TRL's `_ChunkedLogProbFunction` while a :class:`FusedHeadCapture` is active."""
-
-    def __init__(self, original, capture: FusedHeadCapture) -> None:
-        self.original = original
-        self.capture = capture
-
-    def apply(self, *args, **kwargs):
-        self.capture._on_call(*_bind_head_args(*args, **kwargs))
-        return self.original.apply(*args, **kwargs)
-
-
-class FusedHeadCapture:
-    """While active, every call of TRL's fused LM head also computes log π_θ at ``ids`` for the completion tokens.
-
-    Built for one `GRPOTrainer._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
-    batch_size)` call, which runs the model on row chunks of ``batch_size`` (one fused-head call per chunk). Each call
-    is mapped back to (row, completion position) from TRL's label layout: the head scores either every position
-    (``N = rows · (L - 1)``, devices without Triton) or only the positions with a label (``N`` = number of labels,
-    CUDA); the mapping is checked against the head's own targets, which must equal the sampled tokens.
-
-    With ``processors`` (:class:`~trl_trm.processors.SamplerProcessors`), the log-probs are those of the sampler's
-    processed distribution (top-k / top-p / min-p / repetition penalty, the generation temperature), the rollout's
-    like: pass ``ids = completion_ids.unsqueeze(-1)`` for the sampled token only. With a repetition penalty each
-    position's context (prompt tokens with attention 1, then the completion tokens before it) is built per row chunk
-    from ``prompt_ids`` (:func:`~trl_trm.processors.first_occurrence`, O(rows · V)).
-
-    Args:
-        ids: (B, T, K) long ids to score per completion position (:func:`ids_with_sampled`).
-        completion_ids: (B, T) the sampled tokens (alignment check).
-        attention_mask: (B, L) the prompt + completion attention mask passed to the forward.
-        logits_to_keep: T.
-        batch_size: TRL's row chunk size (None = the whole batch).
-        processors: the sampler's processors, or None (TRL's temperature only).
-        prompt_ids: (B, L - T) the left-padded prompts, needed when ``processors`` has a repetition penalty.
-
-    After the context, :meth:`result` returns the (B, T, K) float32 log-probs (0 at padding).
-    """
-
-    def __init__(
-        self,
-        ids: torch.Tensor,
-        completion_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        logits_to_keep: int,
-        batch_size: int | None = None,
-        max_chunk_elements: int | None = None,
-        processors: SamplerProcessors | None = None,
-        prompt_ids: torch.Tensor | None = None,
-    ) -> None:
-        batch = ids.size(0)
-        if processors is not None and processors.uses_context:
-            if prompt_ids is None or prompt_ids.shape != (batch, attention_mask.size(1) - logits_to_keep):
-                raise ValueError(
-                    "The repetition penalty needs the (B, L - T) prompt ids of the forward's batch, got "
-                    f"{None if prompt_ids is None else tuple(prompt_ids.shape)} for an attention mask of shape "
-                    f"{tuple(attention_mask.shape)} and T = {logits_to_keep}."
-                )
-        if ids.shape[:2] != completion_ids.shape or completion_ids.size(1) != logits_to_keep:
-            raise ValueError(
-                f"Top-k ids {tuple(ids.shape)} do not match the completions {tuple(completion_ids.shape)} "
-                f"(logits_to_keep={logits_to_keep})."
-            )
-        step = batch_size or batch
-        self.ids = ids
-        self.completion_ids = completion_ids
-        self.attention_mask = attention_mask
-        self.logits_to_keep = logits_to_keep
-        self.chunks = [(s, min(s + step, batch)) for s in range(0, batch, step)]
-        self.max_chunk_elements = max_chunk_elements
-        self.processors = processors
-        self.prompt_ids = prompt_ids
-        self.logprobs = torch.zeros(ids.shape, dtype=torch.float32, device=ids.device)  # (B, T, K)
-        self.calls = 0
-        self.vocab_size: int | None = None
-        self._module = None
-        self._original = None
-
-    def __enter__(self) -> FusedHeadCapture:
-        import trl.trainer.utils as trl_utils
-
-        original = getattr(trl_utils, "_ChunkedLogProbFunction", None)
-        if original is None:
-            raise RuntimeError(
-                "trm_exact: `trl.trainer.utils._ChunkedLogProbFunction` (TRL's fused LM head) was not found; this "
-                "TRL version is not supported (tested with trl 1.16)."
-            )
-        if isinstance(original, _HeadProxy):
-            raise RuntimeError("trm_exact: nested top-k captures of the fused LM head are not supported.")
-        self._module, self._original = trl_utils, original
-        trl_utils._ChunkedLogProbFunction = _HeadProxy(original, self)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._module._ChunkedLogProbFunction = self._original
-        self._module = self._original = None
-
-    def _on_call(self, hidden, weight, bias, targets, temperature, final_logit_softcapping, logit_scale) -> None:
-        if self.calls >= len(self.chunks):
-            raise RuntimeError(
-                f"trm_exact: TRL's fused LM head ran {self.calls + 1} times for {len(self.chunks)} row chunks; cannot "
-                "map its hidden states to completion tokens (an unsupported TRL version or model?)."
-            )
-        start, stop = self.chunks[self.calls]
-        self.calls += 1
-        device = hidden.device
-        attn = self.attention_mask[start:stop].to(device).bool()  # (b, L)
-        b, length = attn.shape
-        t = self.logits_to_keep
-        if length - 1 - t < 0:
-            raise RuntimeError(f"trm_exact: sequence length {length} too short for {t} completion tokens.")
-        labelled = torch.zeros_like(attn)
-        labelled[:, length - t :] = attn[:, length - t :]  # TRL's labels: completion tokens with attention 1
-        labelled = labelled[:, 1:]  # (b, L - 1) shifted: position j predicts token j + 1
-        n = hidden.size(0)
-        if n == labelled.numel():  # every position scored (devices without Triton)
-            row_of = torch.arange(n, device=device).view(b, length - 1)
-        elif n == int(labelled.sum()):  # only labelled positions, in row-major order (CUDA)
-            row_of = (labelled.flatten().cumsum(0) - 1).view(b, length - 1)
+    engine.generate = generate
+    try:
+        yield returned
+    finally:
+        if shadowed:
+            engine.generate = original
         else:
-            raise RuntimeError(
-                f"trm_exact: TRL's fused LM head scored {n} positions for a chunk of {b} rows of length {length}; "
-                "expected all positions or only the completion tokens (an unsupported TRL version?)."
-            )
-        valid = labelled[:, length - 1 - t :]  # (b, T) completion positions the head scored
-        rows = row_of[:, length - 1 - t :][valid]  # (n_valid,)
-        sampled = self.completion_ids[start:stop].to(device)[valid]  # (n_valid,)
-        if not torch.equal(targets[rows].long(), sampled.long()):
-            raise RuntimeError(
-                "trm_exact: the fused LM head's targets do not match the sampled completion tokens; the top-k "
-                "log-probs cannot be aligned (an unsupported TRL version?)."
-            )
-        ids = self.ids[start:stop].to(device)[valid]  # (n_valid, K)
-        compute_dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
-        first_seen = row_sequence = row_position = None
-        if self.processors is not None and self.processors.uses_context:
-            prompt_mask = attn[:, : length - t]  # (b, P) 0 = left padding, not context (as transformers / vLLM)
-            first_seen = first_occurrence(
-                self.prompt_ids[start:stop].to(device),
-                prompt_mask,
-                self.completion_ids[start:stop].to(device),
-                weight.size(0),
-            )  # (b, V)
-            row_sequence, row_position = valid.nonzero(as_tuple=True)  # (n_valid,) each, row-major like `rows`
-        values = head_logprobs_at(
-            hidden.detach()[rows],
-            weight,
-            bias,
-            ids,
-            temperature=temperature,
-            final_logit_softcapping=final_logit_softcapping,
-            logit_scale=logit_scale,
-            compute_dtype=compute_dtype or hidden.dtype,
-            max_chunk_elements=self.max_chunk_elements,
-            processors=self.processors,
-            first_seen=first_seen,
-            row_sequence=row_sequence,
-            row_position=row_position,
-        )  # (n_valid, K)
-        block = self.logprobs[start:stop]  # (b, T, K) view
-        block[valid.to(block.device)] = values.to(block.device)
-        self.vocab_size = weight.size(0)
+            del engine.generate
 
-    def result(self) -> torch.Tensor:
-        """(B, T, K) float32 log π_θ at the ids; raises if the fused head did not run once per row chunk."""
-        if self.calls != len(self.chunks):
-            raise RuntimeError(
-                f"trm_exact: TRL's fused LM head ran {self.calls} times for {len(self.chunks)} row chunks, so π_θ's "
-                "log-probs at the rollout top-k ids are missing. The model must use TRL's fused LM head "
-                "(`add_fused_lm_head`, the default of GRPOTrainer in trl 1.16)."
+
+def completion_topk(
+    completion_ids: Sequence[Sequence[int]], k: int, extra: dict | None, recorded: list[SequenceTopK] | None
+) -> list[SequenceTopK]:
+    """A generated batch's per-sequence top-k: from a `rollout_func`'s extra keys ``extra`` (popped: TRL would forward
+    them to the reward functions), else the generation turn's ``recorded`` top-k; one position per completion token."""
+    if extra is not None:
+        topk = from_rollout_func(
+            extra.pop("topk_logprobs", None), extra.pop("topk_token_ids", None), completion_ids, k
+        )
+    elif recorded is None:
+        raise RuntimeError("trm_rollout_topk: the generation turn recorded no top-k log-probs.")
+    else:
+        topk = recorded
+    for i, (ids, seq) in enumerate(zip(completion_ids, topk, strict=True)):
+        if len(ids) != len(seq):
+            raise ValueError(
+                f"Rollout top-k does not match the completion: sequence {i} has {len(ids)} completion tokens "
+                f"but {len(seq)} top-k positions."
             )
-        return self.logprobs
+    return topk
+
+
+def topk_coverage(batch: dict[str, torch.Tensor], k: int, vocab: int) -> torch.Tensor:
+    """(1, 2) float: [valid completion tokens whose rollout top-k has fewer than min(k, V) entries, valid tokens] of
+    one batch (`trm/topk_missing_frac` is their global ratio over a logging window)."""
+    valid = batch["completion_mask"].bool()  # (B, T)
+    if "tool_mask" in batch:
+        valid = valid & batch["tool_mask"].bool()
+    short = (batch[BATCH_KEYS[2]].sum(dim=-1) < min(k, vocab)) & valid  # (B, T)
+    return torch.stack([short.sum(), valid.sum()]).float().unsqueeze(0)
+
+
+def head_capture(
+    batch: dict[str, Any] | None,
+    attention_mask: torch.Tensor,
+    logits_to_keep: int,
+    batch_size: int | None,
+    processors: SamplerProcessors | None,
+) -> FusedHeadCapture | None:
+    """A capture of π_θ for the forward of ``batch``, when it carries a rollout top-k to evaluate (at the top-k ids and
+    the sampled token) or the sampler has processors to reproduce (at the sampled token, or with a top-k at both, all
+    under the processors: `trl_trm.processors`); None when there is nothing to capture."""
+    if batch is None or "trm_weights" in batch or "sampling_per_token_logps" not in batch:
+        return None
+    if BATCH_KEYS[1] not in batch and processors is None:
+        return None
+    completion_ids = batch["completion_ids"]  # (B, T)
+    if BATCH_KEYS[1] in batch:
+        ids = ids_with_sampled(batch[BATCH_KEYS[1]], completion_ids)  # (B, T, k + 1)
+    else:
+        ids = completion_ids.unsqueeze(-1)  # (B, T, 1) the sampled token only
+    prompt = batch.get("prompt_ids") if processors is not None and processors.uses_context else None  # (B, P)
+    return FusedHeadCapture(
+        ids, completion_ids, attention_mask, logits_to_keep, batch_size, processors=processors, prompt_ids=prompt
+    )
+
+
+def split_head_result(capture: FusedHeadCapture | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(theta_topk, processed_logps)`` of a finished :func:`head_capture`: (B, T, k + 1) log π_θ at the rollout top-k
+    ids and the sampled token (or None), and (B, T) log π_θ of the sampled tokens under the sampler's processors (None
+    when no processor beyond temperature is active: the loss forward's own log-probs are then already like with like)."""
+    if capture is None:
+        return None, None
+    values = capture.result()  # (B, T, k + 1), or (B, T, 1) with processors and no top-k
+    if capture.processors is None:
+        return values, None
+    # The sampled token is the last id (`ids_with_sampled`); a top-k has k >= 1 more, processed like the rollout's.
+    return (values if values.size(-1) > 1 else None), values[..., -1]  # (B, T, k + 1) or None, (B, T)
+
+
+def topk_kl_terms(
+    batch: dict[str, torch.Tensor], theta_topk: torch.Tensor | None, mode: str
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(kl_tok, chi2_tok)``, (B, T) each, of a batch with a rollout top-k and ``theta_topk`` (B, T, k + 1) = log π_θ at
+    its ids and the sampled token: the per-token KL(π_roll ‖ π_θ) over the outcomes of :func:`rollout_topk_outcomes`
+    and its χ² lower bound. (None, None) without ``theta_topk``, which `trm_mode='trm_exact'` refuses."""
+    if theta_topk is None:
+        if mode == "trm_exact":
+            raise ValueError(
+                f"`trm_mode='trm_exact'` needs the rollout top-k in the batch ({list(BATCH_KEYS)}), which is missing: "
+                "batches must come from `_generate_and_score_completions` with `trm_rollout_topk >= 1`."
+            )
+        return None, None
+    topk_logprobs, topk_ids, topk_mask = (batch[key] for key in BATCH_KEYS)
+    roll_k, outcomes = rollout_topk_outcomes(
+        topk_logprobs, topk_ids, topk_mask, batch["sampling_per_token_logps"], batch["completion_ids"]
+    )  # (B, T, k + 1) each
+    return topk_token_kl(roll_k, theta_topk, outcomes), topk_token_chi2(roll_k, theta_topk, outcomes)  # (B, T) each

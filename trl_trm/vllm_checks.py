@@ -1,11 +1,14 @@
-"""What a vLLM engine's configuration must say for TRM's rollout log-probs to be right (no vLLM import).
+"""What a vLLM engine's configuration must say for TRM's rollout log-probs to be right (no vLLM or TRL import).
 
-Used by `TRMTrainer._trm_check_vllm` at start-up, on a server's `/server_info` `model_config` (JSON) or on a colocated
-engine's `ModelConfig` attributes. See docs/vllm.md.
+:func:`check_vllm_logprobs` is `TRMTrainer._trm_check_vllm`'s body, run at start-up: it reads a server's
+`/server_info` `model_config` (JSON) or a colocated engine's `ModelConfig` attributes and judges them with
+:func:`vllm_engine_problems`. See docs/vllm.md.
 """
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
 from typing import Any
 
 PROCESSED = "processed_logprobs"
@@ -52,3 +55,62 @@ def vllm_engine_problems(model_config: dict[str, Any], requested: int, server: b
             f"{requested} (`trm_rollout_topk`); vLLM would refuse every request. {fix}"
         )
     return problems
+
+
+def check_vllm_logprobs(
+    args: Any,
+    vllm_generation: Any,
+    vllm_mode: str,
+    is_main_process: bool,
+    broadcast: Callable[[list], Any],
+    stacklevel: int = 2,
+) -> None:
+    """Check at start-up that vLLM will report the rollout log-probs TRM needs (`use_vllm=True`, no `rollout_func`).
+
+    Three ways to get wrong or missing log-probs silently or late, each turned into an error naming the fix (a warning
+    with `trm_mode="none"`, which only logs):
+
+    * `generation_kwargs["logprobs"]` overrides the number of log-probs TRL requests from vLLM (`0`, or
+      `trm_rollout_topk`); `None` means none at all, and TRL then fails at the first batch with a `TypeError`.
+    * The engine's `logprobs_mode` must be `processed_logprobs`: the log-probs of the distribution actually
+      sampled from (after temperature, top-k/top-p). Colocated engines get it from TRL; a server gets it from
+      `trl vllm-serve`, but a plain `vllm serve` defaults to `raw_logprobs`.
+    * The engine's `max_logprobs` (`-1` = unlimited) must be >= the number requested, else vLLM refuses every
+      request at the first batch.
+
+    A server's settings are read by the main process (`VLLMClient.get_server_info()`, the `/server_info` endpoint that
+    `VLLM_SERVER_DEV_MODE=1` exposes, which TRL's weight sync needs anyway) and the verdict is broadcast (``broadcast``:
+    Accelerate's `broadcast_object_list`), so every process stops with the same error instead of waiting in a
+    collective.
+
+    Args:
+        args: the `TRMConfig`. vllm_generation: TRL's `VLLMGeneration`. vllm_mode: `"server"` or `"colocate"`.
+        stacklevel: of the warning, counted from the caller of this function.
+    """
+    requested = max(int(args.trm_rollout_topk or 0), int(getattr(vllm_generation, "logprobs", 0) or 0))
+    problems = []
+    generation_kwargs = args.generation_kwargs or {}
+    if "logprobs" in generation_kwargs and generation_kwargs["logprobs"] != requested:
+        problems.append(
+            f"`generation_kwargs['logprobs']={generation_kwargs['logprobs']!r}` overrides the {requested} top "
+            "log-probs TRMTrainer requests from vLLM (0 = the sampled token's only; `trm_rollout_topk` sets "
+            "more). Remove `logprobs` from `generation_kwargs`."
+        )
+    if vllm_mode == "server":
+        verdict = [None]
+        if is_main_process:
+            model_config = vllm_generation.vllm_client.get_server_info().get("model_config") or {}
+            verdict = [vllm_engine_problems(model_config, requested, server=True)]
+        broadcast(verdict)
+        problems += verdict[0]
+    else:
+        model_config = vllm_generation.llm.llm_engine.model_config
+        fields = {key: getattr(model_config, key, None) for key in ("logprobs_mode", "max_logprobs")}
+        problems += vllm_engine_problems(fields, requested, server=False)
+    if not problems:
+        return
+    message = "vLLM will not report the rollout log-probs TRM needs:\n- " + "\n- ".join(problems)
+    if args.trm_mode == "none":
+        warnings.warn(message + "\nThe trm/ diagnostics would be wrong.", stacklevel=stacklevel + 1)
+    else:
+        raise ValueError(message)
