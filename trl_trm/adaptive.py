@@ -72,8 +72,8 @@ class AdaptiveThresholds:
         initial_delta_max: configured threshold on max_t |log rho_t| (`trm_delta_max`), or None (criterion off).
         initial_delta_avg: configured threshold on mean_t k3(rho_t) (`trm_delta_avg`), or None (criterion off).
         rate: gain, the step of log(scale) per unit of accept-rate error (`trm_adapt_rate`), > 0.
-        min_scale, max_scale: limits on scale = delta / initial_delta, with 0 < min_scale <= 1 <= max_scale
-            (`trm_adapt_min_scale`, `trm_adapt_max_scale`).
+        min_scale: lower limit on scale = delta / initial_delta, 0 < min_scale <= 1 (`trm_adapt_min_scale`).
+        max_scale: upper limit on scale = delta / initial_delta, max_scale >= 1 (`trm_adapt_max_scale`).
         scale: current multiplier (state; starts at 1, i.e. the configured thresholds).
         num_updates: number of accept rates applied so far (state; NaN accept rates are not counted).
     """

@@ -126,7 +126,9 @@ def minorizer(
 
     Args:
         surrogate: L, scalar or tensor (broadcast against the bound).
-        length, kl_tok_max, kl_seq: as in :func:`error_bounds`.
+        length: as in :func:`error_bounds`.
+        kl_tok_max: as in :func:`error_bounds`.
+        kl_seq: as in :func:`error_bounds`.
 
     Returns:
         ``surrogate - min(...)``: a float when no argument is a tensor, else a tensor.
@@ -216,7 +218,9 @@ def format_bounds_table(length: int, kl_tok_max: float, kl_seq: float | None = N
         | TRPO (TV chain) | T(T−1)·δ | 1677 | 100 |
 
     Args:
-        length, kl_tok_max, kl_seq: as in :func:`error_bounds` (Python numbers).
+        length: as in :func:`error_bounds` (a Python number).
+        kl_tok_max: as in :func:`error_bounds` (a Python number).
+        kl_seq: as in :func:`error_bounds` (a Python number).
         budget: vacuity threshold for the last column, as in :func:`max_nonvacuous_length`.
 
     Returns:

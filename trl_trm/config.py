@@ -54,9 +54,13 @@ class TRMConfig(GRPOConfig):
             k >= 1 adds the per-token KL metrics (`trm/kl_tok_*`). vLLM needs `--max-logprobs >= k` (server) or
             `max_logprobs >= k` (colocate, vLLM's default is 20); a `rollout_func` returns `topk_logprobs` and
             `topk_token_ids`. Exact (not a lower bound) when k >= the vocabulary size.
-        trm_geo_low / trm_geo_high (`float` or `None`, defaults to `0.99` / `1.01`):
+        trm_geo_low (`float` or `None`, defaults to `0.99`):
             `geo_mask`: keep when the geometric-mean ratio lies in [low, high] (Geo-Mask notes: 1 ± 0.001…0.01).
-        trm_ratio_min / trm_ratio_max (`float` or `None`, defaults to `None` / `2.0`):
+        trm_geo_high (`float` or `None`, defaults to `1.01`):
+            The upper end of the `geo_mask` band.
+        trm_ratio_min (`float` or `None`, defaults to `None`):
+            The lower end of the band `trm_ratio_max` describes; `None` is off.
+        trm_ratio_max (`float` or `None`, defaults to `2.0`):
             Band on ρ_t (`token_*`) or on the product ratio (`seq_*`): the rejection level of `*_mis` and the
             truncation level C of `*_tis` (C = 2 as in the TIS literature). `seq_tis` also accepts
             `trm_ratio_max="auto"`: per batch, C* = sqrt(2 (1 + χ²_seq)) with χ²_seq = mean_i e^{2 s_i} − 1 over the
@@ -78,12 +82,17 @@ class TRMConfig(GRPOConfig):
             are logged as `trm/delta_max` and `trm/delta_avg`, and the controller state is saved in checkpoints.
         trm_adapt_rate (`float`, defaults to `0.1`):
             Controller gain: log-scale step per unit of accept-rate error.
-        trm_adapt_min_scale / trm_adapt_max_scale (`float`, defaults to `0.1` / `10.0`):
-            Limits on the thresholds relative to their configured values: the trust region is never widened beyond
-            `max_scale` × the configured δ.
-        trm_accept_rate_floor (`float` or `None`, defaults to `0.5`) / trm_accept_rate_patience (`int`, defaults to `3`):
+        trm_adapt_min_scale (`float`, defaults to `0.1`):
+            Lower limit on the thresholds relative to their configured values.
+        trm_adapt_max_scale (`float`, defaults to `10.0`):
+            Upper limit on the thresholds relative to their configured values: the trust region is never widened
+            beyond `max_scale` × the configured δ.
+        trm_accept_rate_floor (`float` or `None`, defaults to `0.5`):
             [`TRMStatsCallback`] warns once when `trm/accept_rate` stays below the floor for `patience` consecutive
-            logs: the thresholds are too tight for the rollout engine, or the engines have drifted apart.
+            logs: the thresholds are too tight for the rollout engine, or the engines have drifted apart. `None`
+            disables the warning.
+        trm_accept_rate_patience (`int`, defaults to `3`):
+            The number of consecutive logs below `trm_accept_rate_floor` before that warning.
         trm_plot (`bool`, defaults to `True`):
             Save `OUTPUT_DIR/trm_stats.png` (reward and `trm/` metrics over steps) at the end of training.
         trm_nonfinite (`str`, defaults to `"reject"`):

@@ -62,7 +62,9 @@ def estimator_weights(
             (detached) when TRL computes none. Detached here.
         sampling_per_token_logps: (B, T) log pi_roll.
         completion_mask: (B, T) 1 on valid tokens.
-        mode, ratio_min, ratio_max: as in :func:`~trl_trm.masks.compute_trust_region_mask` (the TIS truncation band).
+        mode: as in :func:`~trl_trm.masks.compute_trust_region_mask`.
+        ratio_min: as in :func:`~trl_trm.masks.compute_trust_region_mask` (the lower end of the TIS truncation band).
+        ratio_max: as in :func:`~trl_trm.masks.compute_trust_region_mask` (the TIS truncation, C).
         ratio_factor: multiply the mask modes' 0/1 mask by pi_old/pi_roll (the default, the seeds' estimator).
 
     Returns:

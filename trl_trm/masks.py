@@ -158,8 +158,10 @@ def compute_trust_region_mask(
         mode: one of :data:`~trl_trm.modes.TRM_MODES`.
         delta_max: `trm` threshold on D_max = max_t |log rho_t|; None switches the criterion off.
         delta_avg: `trm` threshold on D_avg = mean_t k3(rho_t); None switches the criterion off.
-        geo_low, geo_high: `geo_mask` band on the geometric-mean ratio; None switches that side off.
-        ratio_min, ratio_max: band on rho (token modes) or on the product ratio (sequence modes); None is off.
+        geo_low: `geo_mask` lower bound on the geometric-mean ratio; None switches that side off.
+        geo_high: `geo_mask` upper bound on the geometric-mean ratio; None switches that side off.
+        ratio_min: lower bound on rho (token modes) or on the product ratio (sequence modes); None is off.
+        ratio_max: upper bound on rho (token modes) or on the product ratio (sequence modes); None is off.
         kl_tok: (B, T) per-token KL(pi_roll(.|c_t) || pi_theta(.|c_t)), e.g. from :func:`~trl_trm.diagnostics.topk_token_kl`. Required by
             `trm_exact`; in other modes it only adds the `kl_tok_*` statistics.
         delta_kl: `trm_exact` threshold on max_t kl_tok.

@@ -371,7 +371,10 @@ def first_occurrence(
     exactly when ``first[b, v] < t``: O(B·V) memory for all B·T positions.
 
     Args:
-        prompt_ids, prompt_mask: (B, P). completion_ids: (B, T). vocab_size: V (ids >= V are ignored).
+        prompt_ids: (B, P).
+        prompt_mask: (B, P).
+        completion_ids: (B, T).
+        vocab_size: V (ids >= V are ignored).
     """
     batch, length = completion_ids.shape
     device = completion_ids.device
