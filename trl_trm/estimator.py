@@ -137,8 +137,16 @@ def mask_and_weights(
         sampling_per_token_logps: (B, T) log pi_roll.
         old_per_token_logps: (B, T) log pi_old, the denominator of the loss's ratio r_t.
         completion_mask: (B, T) completion mask (times the tool mask when there is one).
-        mode, delta_max, delta_avg, geo_low, geo_high, ratio_min, kl_tok, chi2_tok, delta_kl, nonfinite: as in
-            :func:`~trl_trm.masks.compute_trust_region_mask`.
+        mode: as in :func:`~trl_trm.masks.compute_trust_region_mask`.
+        delta_max: as in :func:`~trl_trm.masks.compute_trust_region_mask`.
+        delta_avg: as in :func:`~trl_trm.masks.compute_trust_region_mask`.
+        geo_low: as in :func:`~trl_trm.masks.compute_trust_region_mask`.
+        geo_high: as in :func:`~trl_trm.masks.compute_trust_region_mask`.
+        ratio_min: as in :func:`~trl_trm.masks.compute_trust_region_mask`.
+        kl_tok: as in :func:`~trl_trm.masks.compute_trust_region_mask`.
+        chi2_tok: as in :func:`~trl_trm.masks.compute_trust_region_mask`.
+        delta_kl: as in :func:`~trl_trm.masks.compute_trust_region_mask`.
+        nonfinite: as in :func:`~trl_trm.masks.compute_trust_region_mask`.
         ratio_max: a float or None (a caller with an automatic clip resolves it first, e.g. with
             :func:`seq_tis_auto_log_clip`).
         ratio_factor: as in :func:`estimator_weights`.

@@ -72,13 +72,16 @@ def head_logprobs_at(
     :data:`trl_trm.processors.PROCESSOR_CHUNK_ELEMENTS`) logits exist at once.
 
     Args:
-        hidden: (N, H) final hidden states. weight: (V, H). bias: (V,) or None. ids: (N, K) long, < V.
+        hidden: (N, H) final hidden states.
+        weight: (V, H) LM-head weight.
+        bias: (V,) or None.
+        ids: (N, K) long, < V.
         processors: the sampler's processors, or None (temperature only).
         first_seen: (S, V) long, with a repetition penalty: :func:`trl_trm.processors.first_occurrence` of the
             S sequences the rows belong to.
-        row_sequence, row_position: (N,) long, with a repetition penalty: each row's sequence (index into
-            ``first_seen``) and completion position; token v is in row n's context iff
-            ``first_seen[row_sequence[n], v] < row_position[n]``.
+        row_sequence: (N,) long, with a repetition penalty: each row's sequence (index into ``first_seen``).
+        row_position: (N,) long, with a repetition penalty: each row's completion position; token v is in row n's
+            context iff ``first_seen[row_sequence[n], v] < row_position[n]``.
 
     Returns:
         (N, K) float32 log π_θ(ids | c).

@@ -17,7 +17,7 @@ TRM_MODES = ("trm", "trm_exact", "geo_mask", "seq_mis", "seq_tis", "token_tis", 
 SEQUENCE_MASK_MODES = ("trm", "trm_exact", "geo_mask", "seq_mis")
 """Modes whose weights are a 0/1 mask over whole sequences."""
 
-# Documented, tunable defaults (see README "Configuration" for the sources).
+# Documented, tunable defaults (docs/configuration.md gives the sources).
 DEFAULT_DELTA_MAX = math.log(2.0)  # every token ratio within [1/2, 2]: the symmetric band of token IS/MIS presets
 DEFAULT_DELTA_AVG = 0.01  # mean k3 per token; the value used by public k3 rejection presets
 DEFAULT_GEO_LOW = 0.99  # Geo-Mask band 1 +- 0.01 (the loose end of the 1 +- 0.001...0.01 range in the Geo-Mask notes)

@@ -90,7 +90,7 @@ VLLM_REFUSED = {
 
 PROCESSOR_CHUNK_ELEMENTS = 1 << 22
 """Most logits one processed block holds (16 MiB in float32): sorting (top-p) needs several (N, V) temporaries,
-among them int64 indices, so the block is a quarter of :data:`trl_trm.topk.HEAD_CHUNK_ELEMENTS`."""
+among them int64 indices, so the block is a quarter of :data:`trl_trm.lm_head.HEAD_CHUNK_ELEMENTS`."""
 
 
 def _refusal(setting: str, value: Any, engine: str) -> str:

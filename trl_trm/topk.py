@@ -287,7 +287,9 @@ def rollout_topk_kl(
     """Per-token KL(π_roll ‖ π_θ) over {valid top-k ids} ∪ {sampled id, when not among them} ∪ {rest}.
 
     Args:
-        topk_logprobs, topk_ids, topk_mask: (B, T, k) rollout top-k (the batch's :data:`BATCH_KEYS`).
+        topk_logprobs: (B, T, k) rollout top-k log-probs (the batch's :data:`BATCH_KEYS`).
+        topk_ids: (B, T, k) their token ids.
+        topk_mask: (B, T, k) bool, False for slots the engine did not fill.
         sampling_logprobs: (B, T) log π_roll of the sampled tokens.
         completion_ids: (B, T) the sampled tokens.
         theta_logprobs: (B, T, k + 1) log π_θ at :func:`ids_with_sampled` (top-k ids, then the sampled token).

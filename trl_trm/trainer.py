@@ -36,7 +36,7 @@ class TRMTrainer(GRPOTrainer):
     """[`~trl.GRPOTrainer`] with Trust Region Masking. Same constructor as `GRPOTrainer`; `args` is a [`TRMConfig`].
 
     Rollout log-probs come from, in order: vLLM (`use_vllm=True`), a `rollout_func` returning `logprobs`, or plain
-    transformers generation (captured by this trainer). Masking statistics are logged under `trm/` (see README). The
+    transformers generation (captured by this trainer). Masking statistics are logged under `trm/` (docs/metrics.md). The
     only changes w.r.t. [`~trl.GRPOTrainer`] are these overrides, each calling `super()`:
 
     * `__init__`: refuses settings under which TRM would be silently wrong and builds the collaborators.
