@@ -32,11 +32,14 @@ when it is not among the top-k. Tokens removed by top-k/top-p sampling have log-
 than k tokens are left they still fill slots, with -inf, which is exact information, not missing data.
 
 Memory: the capture keeps O(B·T) values (O(B·T·k) with ``topk``): one float32 log-prob and one token id per generated
-token. Nothing of size V outlives a decoding step: each step's (B, V) scores are reduced when the sampled token
-arrives, in the same step (one float32 (B, V) `log_softmax` temporary at a time). `output_scores=True` is no longer
-requested, so `generate` does not hold a (B, V) tensor per step. At V = 151,936 and 32 completions x 256 tokens
-that was a 4.76 GiB peak against GRPOTrainer's 2.21 GiB; the step-by-step capture peaks at GRPOTrainer's own
-(`benchmarks/bench_capture_memory.py`).
+token, written into buffers allocated once per `generate` call (see `_Run`), plus one (B, V) float32 scratch buffer
+that every step's `log_softmax` is written into. Nothing of size V outlives the call and nothing allocated in a step
+outlives the step: each step's (B, V) scores are reduced when the sampled token arrives, in the same step.
+`output_scores=True` is not requested, so `generate` does not hold a (B, V) tensor per step (at V = 151,936 and 32
+completions x 256 tokens that was a 4.76 GiB peak against GRPOTrainer's 2.21 GiB). Keeping small per-step results
+as new tensors until the end of `generate` is not harmless either: glibc placed them in the (B, V) holes each step
+freed and the heap grew by B·V·4 bytes a step in some processes (issue 23; `tests/test_capture_memory.py`,
+`benchmarks/bench_capture_memory.py`).
 """
 
 from __future__ import annotations
