@@ -29,22 +29,27 @@ k most probable tokens: (B, T, k) log-probs and ids, sorted by descending probab
 as a slot: the loss adds it as one more outcome when it is not among them). Tokens removed by top-k/top-p sampling
 have log-prob -inf; if fewer than k are left they still fill slots, with -inf: exact information, not missing data.
 
-Memory: O(B·T) values (O(B·T·k) with ``topk``), one float32 log-prob and one token id per generated token; each
-step's (B, V) scores are reduced in the same step (one float32 (B, V) `log_softmax` temporary at a time) and
-`output_scores=True` is not requested. At V = 151,936 and 32 completions x 256 tokens holding the scores peaked at
-4.76 GiB against GRPOTrainer's 2.21 GiB; the capture peaks at GRPOTrainer's own (`benchmarks/bench_capture_memory.py`).
+Memory: O(B·T) values (O(B·T·k) with ``topk``), written into buffers allocated once per `generate` call, plus one
+(B, V) float32 scratch buffer that every step's `log_softmax` is written into; nothing allocated in a step outlives
+it, and `output_scores=True` is not requested (holding the scores peaked at 4.76 GiB against GRPOTrainer's 2.21 GiB
+at V = 151,936, 32 x 256 tokens). Small per-step results kept as new tensors are not harmless either: glibc placed
+them in the (B, V) holes each step freed, and the heap grew by B·V·4 bytes a step in some processes (issue 23;
+`tests/test_capture_memory.py`, `benchmarks/bench_capture_memory.py`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections.abc import Iterator
-from typing import Any
 
 import torch
 from transformers import GenerationMixin, LogitsProcessor, StoppingCriteria
 from transformers.generation.configuration_utils import GenerationMode
+
+# The checks of the recorded (and every other path's) log-probs live beside, re-exported here.
+from .rollout_checks import RolloutLogprobChecks as RolloutLogprobChecks
+from .rollout_checks import check_rollout_logprobs as check_rollout_logprobs
+from .rollout_checks import recording_problem as recording_problem
 
 
 def processed_logprobs(
@@ -94,12 +99,17 @@ def sampled_token_logprobs(scores: tuple[torch.Tensor, ...], sequences: torch.Te
 
 
 def _reduce_step(
-    scores: torch.Tensor, tokens: torch.Tensor, topk: int
+    scores: torch.Tensor, tokens: torch.Tensor, topk: int, out: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """One decoding step: (B, V) processed scores and the (B,) sampled tokens -> (B, 1) log-prob of the sampled token
     and, with ``topk``, the (B, min(k, V)) top-k log-probs (sorted descending) and ids: the same operations as
-    :func:`processed_logprobs`, which is kept separate as the test oracle."""
-    logp = torch.log_softmax(scores.float(), dim=-1)  # (B, V), one step at a time
+    :func:`processed_logprobs`, which is kept separate as the test oracle. ``out``: a (B, V) float32 buffer for the
+    `log_softmax` of float32 scores (the same kernel, so the same bits), reused across steps instead of a new (B, V)
+    allocation per step."""
+    if out is not None and scores.dtype == torch.float32 and out.shape == scores.shape:
+        logp = torch.log_softmax(scores, dim=-1, out=out)  # (B, V)
+    else:
+        logp = torch.log_softmax(scores.float(), dim=-1)  # (B, V), one step at a time
     sampled = logp.gather(-1, tokens.unsqueeze(-1))  # (B, 1)
     if topk <= 0:
         return sampled, None, None
@@ -134,16 +144,41 @@ def unsupported_generation_mode(generation_config, assistant_model=None) -> str 
 
 
 class _Run:
-    """The state of one decoding loop (one `_get_logits_processor` call inside `generate`)."""
+    """The state of one decoding loop (one `_get_logits_processor` call inside `generate`).
 
-    def __init__(self, topk: int) -> None:
+    Each step's reduced values are copied into step-major buffers allocated once per loop (at the first step, for
+    ``capacity`` steps, doubled if `generate` runs longer), not kept as new small tensors, one set per step: a small
+    allocation that lives until the end of `generate`, made right after a step freed its (B, V) temporaries, can be
+    placed by glibc's allocator in the freed (B, V) hole; the hole can then no longer hold the next step's (B, V)
+    tensor, the heap grows by about B·V·4 bytes every step, and the freed memory is not returned (issue 23: +5.3 GiB
+    over 256 steps at V = 151,936, B = 32, while the live allocations stayed at ~0.2 GiB). The same happened with a
+    view of each step's `input_ids` (kept alive by `input_ids[:, L]`). With the buffers, the only allocations that
+    outlive a step are O(log T) buffer growths, and each step's float32 `log_softmax` is written into one (B, V)
+    scratch buffer instead of a new (B, V) temporary (the same peak: the temporary was alive at the peak too; one
+    large allocation and free fewer per step, and no fresh pages to fault in: ~20 % faster here).
+    """
+
+    def __init__(self, topk: int, capacity: int | None = None) -> None:
         self.topk = topk
+        self.capacity = capacity  # steps to allocate for at the first step (None: `_DEFAULT_CAPACITY`)
         self.pending: tuple[int, torch.Tensor] | None = None  # (sequence length L, (B, V) scores sampled at L)
-        self.logprobs: list[torch.Tensor] = []  # T_gen tensors (B, 1)
-        self.tokens: list[torch.Tensor] = []  # T_gen tensors (B, 1)
-        self.positions: list[int] = []  # index of each step's token in the sequence
-        self.topk_logprobs: list[torch.Tensor] = []  # T_gen tensors (B, k)
-        self.topk_ids: list[torch.Tensor] = []
+        self.steps = 0  # decoding steps reduced so far
+        self.first_position: int | None = None  # index of the first step's token in the sequence
+        self._logprobs: torch.Tensor | None = None  # (capacity, B) float32
+        self._tokens: torch.Tensor | None = None  # (capacity, B) long
+        self._topk_logprobs: torch.Tensor | None = None  # (capacity, B, k) float32
+        self._topk_ids: torch.Tensor | None = None  # (capacity, B, k) long
+        self._scratch: torch.Tensor | None = None  # (B, V) float32 log_softmax output, reused by every step
+
+    @property
+    def logprobs(self) -> torch.Tensor | tuple:
+        """(steps, B) log-probs reduced so far (step-major; `()` before the first step)."""
+        return () if self._logprobs is None else self._logprobs[: self.steps]
+
+    @property
+    def tokens(self) -> torch.Tensor | tuple:
+        """(steps, B) tokens sampled so far (step-major; `()` before the first step)."""
+        return () if self._tokens is None else self._tokens[: self.steps]
 
     def scores_seen(self, input_ids: torch.Tensor, scores: torch.Tensor) -> None:
         self.token_seen(input_ids)  # a step whose token the criterion did not see (defensive; never in `_sample`)
@@ -156,14 +191,61 @@ class _Run:
         if input_ids.size(1) <= length:
             return
         self.pending = None
+        if self.first_position is None:
+            self.first_position = length
+        elif length != self.first_position + self.steps:  # a step was skipped: keep positions exact, drop the rest
+            return
+        if scores.dtype == torch.float32 and (self._scratch is None or self._scratch.shape != scores.shape):
+            self._scratch = torch.empty_like(scores)  # (B, V), allocated once: every step's log_softmax goes here
         tokens = input_ids[:, length]  # (B,) the token sampled from `scores`
-        logp, values, ids = _reduce_step(scores, tokens, self.topk)
-        self.logprobs.append(logp)
-        self.tokens.append(tokens.unsqueeze(1))
-        self.positions.append(length)
+        logp, values, ids = _reduce_step(scores, tokens, self.topk, out=self._scratch)
+        self._reserve(scores.size(0), logp.device, 0 if values is None else values.size(-1))
+        t = self.steps
+        self._logprobs[t].copy_(logp.squeeze(-1))  # copied: the temporaries die with this step
+        self._tokens[t].copy_(tokens)  # a copy, not a view that would keep this step's input_ids alive
         if values is not None:
-            self.topk_logprobs.append(values)
-            self.topk_ids.append(ids)
+            self._topk_logprobs[t].copy_(values)
+            self._topk_ids[t].copy_(ids)
+        self.steps = t + 1
+
+    def _reserve(self, batch: int, device: torch.device, k: int) -> None:
+        """Room for one more step: the buffers are allocated at the first step and doubled when full."""
+        if self._logprobs is not None and self.steps < self._logprobs.size(0):
+            return
+        size = max(1, self.capacity or _DEFAULT_CAPACITY) if self._logprobs is None else 2 * self._logprobs.size(0)
+
+        def grow(old: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+            new = torch.empty((size, *shape), dtype=dtype, device=device)
+            if old is not None:
+                new[: self.steps].copy_(old[: self.steps])
+            return new
+
+        self._logprobs = grow(self._logprobs, (batch,), torch.float32)
+        self._tokens = grow(self._tokens, (batch,), torch.long)
+        if self.topk > 0:
+            self._topk_logprobs = grow(self._topk_logprobs, (batch, k), torch.float32)
+            self._topk_ids = grow(self._topk_ids, (batch, k), torch.long)
+
+    def result(
+        self, length: int | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(B, T_gen) log-probs and tokens and, with ``topk``, (B, T_gen, k) top-k log-probs and ids. ``length``: the
+        returned sequences' length, when known; steps sampled at or beyond it are dropped."""
+        keep = self.steps if length is None else max(0, min(self.steps, length - self.first_position))
+        logprobs = self._logprobs[:keep].t().contiguous()  # (B, T_gen)
+        tokens = self._tokens[:keep].t().contiguous()
+        if self.topk <= 0:
+            return logprobs, tokens, None, None
+        return (
+            logprobs,
+            tokens,
+            self._topk_logprobs[:keep].transpose(0, 1).contiguous(),
+            self._topk_ids[:keep].transpose(0, 1).contiguous(),
+        )
+
+
+_DEFAULT_CAPACITY = 256  # steps allocated for at the first step when `generate`'s max_length is unknown
+_MAX_INITIAL_CAPACITY = 4096  # cap the first allocation (a large max_new_tokens that stops early); doubled if needed
 
 
 class _StepProcessor(LogitsProcessor):
@@ -211,31 +293,31 @@ class _Recorder:
         self.num_runs = 0
         self._run: _Run | None = None
 
-    def _start(self) -> _Run:
+    def _start(self, capacity: int | None = None) -> _Run:
         self._finish()
-        self._run = _Run(self.topk)
+        self._run = _Run(self.topk, capacity)
         self.num_runs += 1
         self.logprobs = self.token_ids = self.topk_logprobs = self.topk_ids = None
         self.problem = None
         return self._run
 
     def _finish(self, length: int | None = None) -> None:
-        """Concatenate the current run's steps. ``length``: the returned sequences' length, when known; a step sampled
-        at a position at or beyond it was undone by `generate` (transformers' deferred stop check) and is dropped."""
+        """Take the current run's steps. ``length``: the returned sequences' length, when known; a step sampled at a
+        position at or beyond it was undone by `generate` (transformers' deferred stop check) and is dropped."""
         run, self._run = self._run, None
-        if run is None or not run.logprobs:
+        if run is None or run.steps == 0:
             return
-        keep = len(run.logprobs) if length is None else sum(position < length for position in run.positions)
-        batch = run.tokens[0].size(0)
-        self.logprobs = torch.cat(run.logprobs[:keep], dim=1) if keep else run.logprobs[0].new_zeros((batch, 0))
-        self.token_ids = torch.cat(run.tokens[:keep], dim=1) if keep else run.tokens[0].new_zeros((batch, 0))
+        self.logprobs, self.token_ids, topk_logprobs, topk_ids = run.result(length)
         if self.topk > 0:
-            if keep:
-                self.topk_logprobs = torch.stack(run.topk_logprobs[:keep], dim=1)  # (B, T_gen, k)
-                self.topk_ids = torch.stack(run.topk_ids[:keep], dim=1)
-            else:
-                self.topk_logprobs = self.logprobs.new_zeros((batch, 0, self.topk))
-                self.topk_ids = self.token_ids.new_zeros((batch, 0, self.topk))
+            self.topk_logprobs, self.topk_ids = topk_logprobs, topk_ids
+
+
+def _capacity(generation_config, prompt_length: int | None) -> int | None:
+    """Steps to allocate the recorder's buffers for: the most `generate` can sample (max_length - prompt), capped."""
+    max_length = getattr(generation_config, "max_length", None)
+    if not isinstance(max_length, int) or not isinstance(prompt_length, int):
+        return None
+    return min(max(1, max_length - prompt_length), _MAX_INITIAL_CAPACITY)
 
 
 @contextlib.contextmanager
@@ -264,7 +346,9 @@ def record_sampling_logprobs(model: torch.nn.Module, topk: int = 0) -> Iterator[
         def _get_logits_processor(*args, **kwargs):
             processors = original(*args, **kwargs)
             config = kwargs.get("generation_config", args[0] if args else None)
-            run = recorder._start()
+            run = recorder._start(
+                _capacity(config, kwargs.get("input_ids_seq_length", args[1] if len(args) > 1 else None))
+            )
             problem = unsupported_generation_mode(config) if config is not None else None
             if problem is not None:
                 recorder.problem = problem
@@ -317,134 +401,3 @@ def record_sampling_logprobs(model: torch.nn.Module, topk: int = 0) -> Iterator[
                 setattr(module, name, original)
             else:
                 delattr(module, name)
-
-
-def check_rollout_logprobs(completion_ids: list, logprobs: Any) -> None:
-    """A `rollout_func`'s `logprobs` must be one list of float log-probs per completion: catch, with the key, the
-    sequence index and the fix, what would otherwise fail late inside the loss or pass silently (a flat list of
-    floats, lists nested one level too deep, probabilities instead of log-probs)."""
-    fix = "Return `logprobs` as one list per completion with one float log π_roll(y_t | c_t) per completion token."
-    if not isinstance(logprobs, (list, tuple)):
-        raise ValueError(f"`rollout_func` returned `logprobs` of type {type(logprobs).__name__}. {fix}")
-    if len(logprobs) != len(completion_ids):
-        raise ValueError(
-            f"`rollout_func` returned `logprobs` for {len(logprobs)} sequences but {len(completion_ids)} "
-            f"`completion_ids`. {fix}"
-        )
-    for i, seq in enumerate(logprobs):
-        if isinstance(seq, (int, float)) or (isinstance(seq, torch.Tensor) and seq.dim() == 0):
-            raise ValueError(
-                f"`rollout_func` returned `logprobs` as a flat list of numbers: `logprobs[{i}]` is {seq!r}, not "
-                f"a list for sequence {i}. {fix} (a list of lists, like `completion_ids`)."
-            )
-        values = seq.tolist() if isinstance(seq, torch.Tensor) else seq
-        if not isinstance(values, (list, tuple)):
-            raise ValueError(f"`logprobs[{i}]` (sequence {i}) is a {type(seq).__name__}, not a list. {fix}")
-        try:  # fast path: one tensor per sequence
-            row = torch.tensor(values, dtype=torch.float64)  # (T_i,) when well formed
-        except (TypeError, ValueError, RuntimeError):
-            row = None
-        if row is None or row.dim() != 1:
-            for t, value in enumerate(values):  # slow path, only to name the offending entry
-                if isinstance(value, (list, tuple, dict, torch.Tensor)):
-                    raise ValueError(
-                        f"`rollout_func` returned `logprobs` nested one level too deep: `logprobs[{i}][{t}]` "
-                        f"(sequence {i}, token {t}) is a {type(value).__name__}, not a float. Keep only the sampled "
-                        f"token's log-prob per position (top-k lists go to `topk_logprobs`/`topk_token_ids`). {fix}"
-                    )
-                if isinstance(value, bool) or not isinstance(value, (int, float)):
-                    raise ValueError(
-                        f"`logprobs[{i}][{t}]` (sequence {i}, token {t}) is {value!r} of type "
-                        f"{type(value).__name__}, not a float. {fix}"
-                    )
-            raise ValueError(f"`logprobs[{i}]` (sequence {i}) cannot be read as floats. {fix}")
-        positive = (row > 1e-6) & torch.isfinite(row)  # (T_i,) NaN/inf are left to `trm_nonfinite`
-        if positive.any():
-            t = int(positive.nonzero()[0])
-            raise ValueError(
-                f"`rollout_func` returned `logprobs[{i}][{t}] = {values[t]!r}` (sequence {i}, token {t}): a "
-                "log-probability is <= 0, so this looks like a probability. Return `math.log(p)` (vLLM: "
-                "`Logprob.logprob`, not its `exp`). " + fix
-            )
-
-
-class RolloutLogprobChecks:
-    """The trainer's checks of each generated batch's rollout log-probs, before TRL pads them. Missing log-probs are an
-    error with a TRM mode (the mask needs them), one warning per trainer with `trm_mode="none"` (no `trm/` metrics)."""
-
-    warned = False  # set on the instance by its first warning
-
-    def _missing(self, trm_mode: str, error: str, warning: str) -> None:
-        if trm_mode != "none":
-            raise ValueError(error)
-        if not self.warned:
-            warnings.warn(warning, stacklevel=4)  # the caller of the trainer method that called us
-            self.warned = True
-
-    def recorded(self, recorder: _Recorder, completion_ids: list, trm_mode: str) -> list[list[float]] | None:
-        """One generation turn's per-token log-probs from :func:`record_sampling_logprobs`'s ``recorder``, checked to
-        belong to the completion tokens TRL received; None (warned) when there are none and `trm_mode="none"`."""
-        if recorder.problem is None and recorder.logprobs is None and not any(completion_ids):
-            return [[] for _ in completion_ids]  # nothing was generated, nothing to record
-        problem = recording_problem(recorder, completion_ids)
-        if problem is None:
-            recorded_logprobs = recorder.logprobs.cpu()  # (B, T_gen) float32
-            return [recorded_logprobs[i, : len(ids)].tolist() for i, ids in enumerate(completion_ids)]
-        error = f"`trm_mode={trm_mode!r}` needs the rollout log-probs: {problem}"
-        self._missing(trm_mode, error, f"{problem} The trm/ diagnostics are skipped (trm_mode='none').")
-        return None
-
-    def generated(self, completion_ids: list, logprobs: list | None, trm_mode: str, rollout_func: bool) -> None:
-        """`GRPOTrainer._generate`'s log-probs: present with a TRM mode, well formed from a ``rollout_func``, and one
-        per completion token (TRL would pad a short list silently)."""
-        if logprobs is None:
-            source = "`rollout_func`" if rollout_func else "the generation backend"
-            error = (
-                f"`trm_mode={trm_mode!r}` needs the rollout engine's per-token log-probs, but {source} returned "
-                "`logprobs=None`. Return one log-prob per completion token (vLLM: `SamplingParams(logprobs=0)` gives "
-                "the sampled token's), or set `trm_mode='none'`."
-            )
-            warning = "No rollout log-probs are available (trm_mode='none'): the trm/ diagnostics are not logged."
-            return self._missing(trm_mode, error, warning)
-        if rollout_func:
-            check_rollout_logprobs(completion_ids, logprobs)
-        for i, (ids, lps) in enumerate(zip(completion_ids, logprobs, strict=True)):
-            if len(ids) != len(lps):
-                raise ValueError(
-                    f"Rollout log-probs do not match the completion: sequence {i} has {len(ids)} completion "
-                    f"tokens but {len(lps)} log-probs. Return exactly one log-prob per completion token."
-                )
-
-
-def recording_problem(recorder: _Recorder, completion_ids: list[list[int]]) -> str | None:
-    """Why the ``recorder``'s log-probs are not those of ``completion_ids`` (a non-sampling generation mode, a
-    `generate` that does not run transformers' sampler, changed rows or tokens), or None when they are."""
-    if recorder.problem is not None:
-        return (
-            f"`generate` ran in {recorder.problem} mode, which has no per-token sampling distribution, so there "
-            "are no rollout log-probs (beam search scores are per beam, greedy decoding is deterministic). Use "
-            "multinomial sampling: remove `num_beams` (or set `num_beams=1`) and keep `do_sample=True` in "
-            "`generation_kwargs` (and in the model's `generation_config`)."
-        )
-    if recorder.logprobs is None:
-        return (
-            f"`model.generate` returned {len(completion_ids)} completions, but no token was sampled through "
-            "transformers' decoding loop (`generate` is replaced or wrapped so that `GenerationMixin.generate` "
-            "never runs, e.g. a mock returning fixed tokens), so their rollout log-probs are unknown. Call the "
-            "model's own `generate`, or supply the log-probs with a `rollout_func`."
-        )
-    recorded = recorder.token_ids.cpu()  # (B, T_gen), one device-to-host copy
-    if recorded.size(0) != len(completion_ids):
-        return (
-            f"`model.generate` recorded {recorded.size(0)} sampled rows for {len(completion_ids)} completions "
-            "(`num_return_sequences` or a wrapped `generate` changed the rows), so the log-probs cannot be "
-            "matched to the completions. Leave `num_return_sequences` unset (TRL repeats prompts itself)."
-        )
-    for i, ids in enumerate(completion_ids):
-        if len(ids) > recorded.size(1) or recorded[i, : len(ids)].tolist() != list(ids):
-            return (
-                f"Completion {i} is not the token sequence that transformers sampled (a wrapped `generate` "
-                "changed the tokens), so its rollout log-probs are unknown. Return the sampled tokens "
-                "unchanged, or supply the log-probs with a `rollout_func`."
-            )
-    return None
