@@ -36,19 +36,36 @@ class PlotArguments:
     output: str | None = field(default=None, metadata={"help": "PNG path (default: RUN_DIR/trm_stats.png)."})
 
 
+_RUN: dict = {"ddp_timeout": None}  # the running command's ddp_timeout, named when a collective times out
+TRAIN_USAGE = "usage: trl-trm train [--config RECIPE.yaml] [--field value ...]   (`trl-trm train --help` lists every field)"
+
+
 def _train(rest: list[str]) -> int:
     import os
 
     from . import train  # `train.run_train` is looked up at call time (tests replace it)
     from .launch import LAUNCHED_ENV, launch_with_accelerate, strip_launch_tokens
     from .recipe import parse_command
+    from .runlock import take_run_lock
 
+    if not rest:  # nothing to train: the usage, not an error about the hardware the defaults assume
+        print(TRAIN_USAGE, file=sys.stderr)
+        raise ValueError("give a recipe (`--config recipe.yaml`) and/or flags (`--model_name_or_path ...`).")
     (script_args, config, model_args), launch, launch_cli = parse_command(rest)
-    if launch and os.environ.get(LAUNCHED_ENV) != "1":  # `trl grpo`'s way: rerun under `accelerate launch`
-        return launch_with_accelerate(launch, strip_launch_tokens(rest, launch_cli), config)
-    trainer = train.run_train(script_args, config, model_args)
-    trainer.accelerator.print(f"trl-trm train: done; model, card and trm_stats in {config.output_dir}")
-    trainer.end()  # finish trackers, flush and destroy the process group: multi-process runs exit cleanly
+    launched = os.environ.get(LAUNCHED_ENV) == "1"
+    _RUN["ddp_timeout"] = config.ddp_timeout
+    # One run per output_dir, checked before relaunching or training; the processes a relaunch starts share the
+    # launching process's lock.
+    lock = None if launched else take_run_lock(config.output_dir)
+    try:
+        if launch and not launched:  # `trl grpo`'s way: rerun under `accelerate launch`
+            return launch_with_accelerate(launch, strip_launch_tokens(rest, launch_cli), config)
+        trainer = train.run_train(script_args, config, model_args)
+        trainer.accelerator.print(f"trl-trm train: done; model, card and trm_stats in {config.output_dir}")
+        trainer.end()  # finish trackers, flush and destroy the process group: multi-process runs exit cleanly
+    finally:
+        if lock is not None:
+            lock.release()
     return 0
 
 
@@ -112,6 +129,7 @@ def _help() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .checkpoints import RunAlreadyComplete
     from .hub import HubPublishError
     from .train import TrainingError
 
@@ -128,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return COMMANDS[argv[0]](argv[1:]) or 0
+    except RunAlreadyComplete as done:  # resuming a run that already reached max_steps: nothing to do
+        print(f"trl-trm {argv[0]}: {done}")
+        return 0
     except TrainingError as err:  # the run started but gave no result
         print(f"trl-trm {argv[0]}: error: {err}", file=sys.stderr)
         return 1
@@ -135,6 +156,26 @@ def main(argv: list[str] | None = None) -> int:
         # Bad values, recipes, data, rewards, a model that cannot be found, an unreachable Hub: one clear line.
         print(f"trl-trm {argv[0]}: error: {err}", file=sys.stderr)
         return 2
+    except RuntimeError as err:
+        timeout = collective_timeout(err)
+        if timeout is None:
+            raise
+        print(f"trl-trm {argv[0]}: error: {timeout}", file=sys.stderr)
+        return 1
+
+
+def collective_timeout(err: BaseException) -> str | None:
+    """The one line for a collective that timed out (a stalled or stopped rank), else None."""
+    text = str(err)
+    if "timed out" not in text.lower() and "timeout" not in text.lower():
+        return None
+    timeout = _RUN["ddp_timeout"]
+    first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
+    return (
+        f"a collective between the processes timed out ({first[:200]}): another process stopped, hung or died. "
+        f"The limit is `ddp_timeout`{f' ({timeout} s)' if timeout else ''} (600 s by default for `trl-trm train`); "
+        "raise it with `--ddp_timeout SECONDS` if a step legitimately takes longer."
+    )
 
 
 if __name__ == "__main__":
