@@ -312,3 +312,77 @@ def test_output_dir_that_cannot_be_written_is_refused(tmp_path, capsys):
         assert "Cannot create output_dir" in _error(capsys)
     finally:
         os.chmod(tmp_path / "ro", 0o700)
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        found.append(int(entry))
+            except (OSError, IndexError, ValueError):
+                continue
+    return found
+
+
+def _local_rank(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            env = dict(v.split(b"=", 1) for v in f.read().split(b"\0") if b"=" in v)
+    except OSError:
+        return None
+    rank = env.get(b"LOCAL_RANK")
+    return rank.decode() if rank is not None else None
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_stopped_rank_fails_the_run_within_ddp_timeout(tmp_path):
+    """torchrun, 2 processes on CPU (gloo): rank 1 is stopped (SIGSTOP) mid-training; rank 0 fails at its next
+    collective after `--ddp_timeout 20` with one line naming the timeout, instead of hanging for 30 minutes."""
+    import signal
+    import time
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRL_EXPERIMENTAL_SILENCE": "1"}
+    env.pop("TRL_TRM_LAUNCHED", None)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+    cmd += ["-m", "trl_trm.cli", "train", "--config", str(Path(__file__).parent.parent / "recipes" / "demo.yaml")]
+    cmd += ["--output_dir", str(out), "--max_steps", "100000", "--logging_steps", "1", "--ddp_timeout", "20"]
+    cmd += ["--per_device_train_batch_size", "8"]
+    log = open(tmp_path / "log.txt", "w")  # noqa: SIM115
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    stopped = None
+    try:
+        deadline = time.time() + 150
+        while time.time() < deadline and not (
+            (out / "trm_stats.jsonl").exists() and (out / "trm_stats.jsonl").read_text().count("\n") >= 2
+        ):
+            assert proc.poll() is None, (tmp_path / "log.txt").read_text()[-3000:]
+            time.sleep(0.5)
+        stopped = next(p for p in _children(proc.pid) if _local_rank(p) == "1")
+        os.kill(stopped, signal.SIGSTOP)
+        start = time.time()
+        proc.wait(timeout=150)
+        elapsed = time.time() - start
+    finally:
+        if stopped is not None:
+            for sig in (signal.SIGCONT, signal.SIGKILL):
+                try:
+                    os.kill(stopped, sig)
+                except ProcessLookupError:
+                    pass
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+    text = (tmp_path / "log.txt").read_text()
+    assert proc.returncode != 0
+    lines = [line for line in text.splitlines() if "trl-trm train: error: a collective between the processes" in line]
+    assert len(lines) == 1, text[-4000:]
+    assert "`ddp_timeout` (20 s)" in lines[0] and "--ddp_timeout SECONDS" in lines[0]
+    assert elapsed < 120, elapsed  # not transformers' 30 minutes

@@ -56,7 +56,7 @@ def _train(rest: list[str]) -> int:
     _RUN["ddp_timeout"] = config.ddp_timeout
     # One run per output_dir, checked before relaunching or training; the processes a relaunch starts share the
     # launching process's lock.
-    lock = None if launched else take_run_lock(config.output_dir)
+    lock = None if launched else take_run_lock(config)
     try:
         if launch and not launched:  # `trl grpo`'s way: rerun under `accelerate launch`
             return launch_with_accelerate(launch, strip_launch_tokens(rest, launch_cli), config)

@@ -7,7 +7,8 @@ also on an error. A lock whose process is gone (a killed run) is stale: it is ta
 process. A lock held by a live process refuses the run with one line (`trl-trm` exits with code 2).
 
 Several processes (`torchrun`, `accelerate launch`): only the main process takes the lock, and its answer is
-broadcast, so every rank stops when it is refused. A command that relaunches itself under `accelerate launch` takes
+broadcast, so every rank stops when it is refused. That first collective is also where `ddp_timeout` is applied to
+the process group (`trl_trm.distributed.apply_timeout`). A command that relaunches itself under `accelerate launch` takes
 the lock in the launching process; the processes it starts (`LAUNCHED_ENV` set) do not take it again.
 """
 
@@ -121,25 +122,34 @@ class RunLock:
                 pass
 
 
-def take_run_lock(output_dir: str) -> RunLock | None:
-    """Take the lock of `output_dir` on the main process; every process raises RunLockError (or the output_dir
-    error) when the main process could not take it. Returns the lock on the main process, else None."""
+def take_run_lock(config) -> RunLock | None:
+    """Take the lock of `config.output_dir`. Several processes (WORLD_SIZE > 1): the main process takes it and
+    broadcasts the outcome, so every process raises RunLockError (or the output_dir error) when it could not.
+    Returns the lock on the process that holds it, else None."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:  # one process (or the launcher of `accelerate launch`)
+        prepare_output_dir(config.output_dir)
+        return RunLock(config.output_dir).acquire()
     from accelerate import PartialState
 
+    from .distributed import apply_timeout
+
+    config.device  # noqa: B018 (sets up the process group as training will)
+    apply_timeout(config.ddp_timeout)  # also on CPU, where transformers leaves it out (see apply_timeout)
     state = PartialState()
     lock, error = None, None
     if state.is_main_process:
         try:
-            prepare_output_dir(output_dir)
-            lock = RunLock(output_dir).acquire()
+            prepare_output_dir(config.output_dir)
+            lock = RunLock(config.output_dir).acquire()
         except ValueError as err:
             error = str(err)
-    if state.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
+    from accelerate.utils import broadcast_object_list
 
-        box = [error]
-        broadcast_object_list(box, from_process=0)
-        error = box[0]
-    if error is not None:
-        raise RunLockError(error)
+    box = [error]
+    broadcast_object_list(box, from_process=0)
+    if box[0] is not None:
+        from .distributed import shutdown_distributed
+
+        shutdown_distributed()  # every rank stops here: exit cleanly, not with an abort at interpreter exit
+        raise RunLockError(box[0])
     return lock
