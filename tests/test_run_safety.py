@@ -386,3 +386,57 @@ def test_a_stopped_rank_fails_the_run_within_ddp_timeout(tmp_path):
     assert len(lines) == 1, text[-4000:]
     assert "`ddp_timeout` (20 s)" in lines[0] and "--ddp_timeout SECONDS" in lines[0]
     assert elapsed < 120, elapsed  # not transformers' 30 minutes
+
+
+BAD_MODULES = {
+    "bad_syntax_mod": ("def r(completions, **kw)\n    return 1\n", "fails to import: SyntaxError: expected ':' ("),
+    "raising_mod": ("x = 1 / 0\n", "fails to import: ZeroDivisionError: division by zero"),
+}
+
+
+@pytest.mark.parametrize("module", sorted(BAD_MODULES))
+def test_a_reward_module_that_fails_to_import_is_named(tmp_path, capsys, monkeypatch, module):
+    text, message = BAD_MODULES[module]
+    (tmp_path / f"{module}.py").write_text(text)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["train", "--config", str(_recipe(tmp_path, reward_funcs=[f"{module}:r"]))]) == 2
+    line = _error(capsys)
+    assert f"The module of reward function '{module}:r' {message}" in line and MISSING_MODEL not in line
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"learning_rate": -0.1}, "`learning_rate: -0.1` cannot train: it must be >= 0"),
+        ({"temperature": 0.0}, "`temperature: 0.0` cannot train: it must be > 0"),
+        ({"max_completion_length": 0}, "`max_completion_length: 0` cannot train: it must be >= 1 token"),
+        ({"per_device_train_batch_size": 0}, "`per_device_train_batch_size: 0` cannot train: it must be >= 1"),
+        ({"max_steps": -5}, "`max_steps: -5` trains nothing"),
+    ],
+)
+def test_values_that_cannot_train_are_refused_before_the_model_loads(tmp_path, capsys, overrides, message):
+    assert main(["train", "--config", str(_recipe(tmp_path, **overrides))]) == 2
+    line = _error(capsys)
+    assert message in line and MISSING_MODEL not in line
+
+
+def test_a_typo_in_a_datasets_entry_is_named(tmp_path, capsys):
+    recipe = _recipe(tmp_path, dataset_name=None, datasets=[{"path": "json", "data_fils": "d.jsonl"}])
+    assert main(["train", "--config", str(recipe)]) == 2
+    line = _error(capsys)
+    assert "A `datasets` entry has a key that dataset entries do not take" in line and "'data_fils'" in line
+    assert "data_files" in line
+
+
+def test_a_non_utf8_jsonl_names_the_file_and_line(tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_bytes(b'{"prompt": "ab", "target": "ba"}\n' + b'{"prompt": "caf\xe9", "target": "x"}\n' * 7)
+    assert main(["train", "--config", str(_recipe(tmp_path, dataset_name=str(data)))]) == 2
+    line = _error(capsys)
+    assert f"Cannot read dataset file {str(data)!r}: line 2: not UTF-8 (byte 0xe9" in line
+
+
+def test_reward_funcs_given_as_one_name_is_one_function_not_its_letters(tmp_path, capsys):
+    assert main(["train", "--config", str(_recipe(tmp_path, reward_funcs="reversal"))]) == 2
+    assert MISSING_MODEL in _error(capsys)  # the reward resolved; the run went on to the (missing) model

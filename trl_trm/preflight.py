@@ -103,13 +103,31 @@ def check_script_fields(script_args) -> None:
             raise ValueError(error)
 
 
+# Settings whose value cannot give a working run, refused before the model loads: (field, is_bad, what it must be).
+# Other limits (num_generations >= 2, batch divisible by num_generations) are TRL's own one-line errors.
+VALUE_LIMITS: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    ("learning_rate", lambda v: v < 0, ">= 0 (a negative rate climbs the loss)"),
+    ("temperature", lambda v: v <= 0, "> 0: GRPO samples its completions and divides the logits by it"),
+    ("max_completion_length", lambda v: v is not None and v < 1, ">= 1 token"),
+    ("per_device_train_batch_size", lambda v: v < 1, ">= 1"),
+    ("num_train_epochs", lambda v: v <= 0, "> 0 (or set max_steps)"),
+)
+
+
 def check_max_steps(config) -> None:
-    """`max_steps: 0` trains nothing (transformers would then blame the dataset); negative values other than -1 too."""
+    """`max_steps: 0` trains nothing (transformers would then blame the dataset); negative values other than -1 too.
+    Then the values of `VALUE_LIMITS`."""
     if config.max_steps == 0 or config.max_steps < -1:
         raise ValueError(
             f"`max_steps: {config.max_steps}` trains nothing: set a positive number of optimizer steps, or -1 (the "
             "default) to train `num_train_epochs` over the dataset."
         )
+    for name, is_bad, must in VALUE_LIMITS:
+        if name == "num_train_epochs" and config.max_steps > 0:
+            continue  # max_steps decides the length
+        value = getattr(config, name, None)
+        if value is not None and is_bad(value):
+            raise ValueError(f"`{name}: {value}` cannot train: it must be {must}.")
 
 
 def check_report_to(config) -> None:

@@ -72,7 +72,19 @@ class TrainScriptArguments(GRPOScriptArguments, DatasetMixtureConfig):
     )
 
     def __post_init__(self):
-        DatasetMixtureConfig.__post_init__(self)  # `datasets` entries from YAML -> DatasetConfig
+        if isinstance(self.reward_funcs, str):  # `reward_funcs: reversal` in YAML: one name, not its letters
+            self.reward_funcs = [self.reward_funcs]
+        try:
+            DatasetMixtureConfig.__post_init__(self)  # `datasets` entries from YAML -> DatasetConfig
+        except TypeError as err:  # an entry with a key DatasetConfig does not take (a typo)
+            from dataclasses import fields
+
+            from trl.scripts.utils import DatasetConfig
+
+            keys = ", ".join(f.name for f in fields(DatasetConfig))
+            raise ValueError(
+                f"A `datasets` entry has a key that dataset entries do not take ({err}): the keys are {keys}."
+            ) from None
 
 
 # `ddp_timeout` of the command line (seconds): a stalled or stopped process fails the run after 10 minutes, not after
