@@ -172,7 +172,10 @@ def test_allow_trm_change_records_both_segments_in_a_file_and_the_card(tmp_path,
     assert main(["train", "--config", str(recipe), "--allow_trm_change", "true"]) == 2
     assert MISSING_MODEL in _error(capsys)  # got past the resume check, to the (missing) model
     segments = json.loads((out / SEGMENTS_FILE).read_text())
-    assert [(s["from_step"], s["settings"]["trm_delta_max"]) for s in segments] == [(0, 0.5), (3, pytest.approx(0.6931, abs=1e-4))]
+    assert [(s["from_step"], s["settings"]["trm_delta_max"]) for s in segments] == [
+        (0, 0.5),
+        (3, pytest.approx(0.6931, abs=1e-4)),
+    ]
     card = trm_card_section(_config(tmp_path), [])
     assert "### TRM settings changed during training" in card
     assert "| 0 |" in card and "| 3 |" in card and "0.5" in card and "0.6931" in card
@@ -440,3 +443,26 @@ def test_a_non_utf8_jsonl_names_the_file_and_line(tmp_path, capsys):
 def test_reward_funcs_given_as_one_name_is_one_function_not_its_letters(tmp_path, capsys):
     assert main(["train", "--config", str(_recipe(tmp_path, reward_funcs="reversal"))]) == 2
     assert MISSING_MODEL in _error(capsys)  # the reward resolved; the run went on to the (missing) model
+
+
+@pytest.mark.slow
+def test_resuming_a_finished_run_end_to_end_leaves_it_unchanged(tmp_path, capsys, tiny_model_dir):
+    """The issue's case: max_steps 6, a checkpoint every 3 steps, then the same command with resume: exit 0, no
+    checkpoint-7, the final model unchanged."""
+    out = tmp_path / "out"
+    recipe = _recipe(
+        tmp_path,
+        model_name_or_path=tiny_model_dir,
+        max_steps=6,
+        save_strategy="steps",
+        save_steps=3,
+        lr_scheduler_type="constant",
+        learning_rate=0.01,
+    )
+    assert main(["train", "--config", str(recipe)]) == 0
+    before = (out / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    assert main(["train", "--config", str(recipe), "--resume_from_checkpoint", "true"]) == 0
+    assert "already reached max_steps 6 (step 6): nothing to train" in capsys.readouterr().out
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
+    assert (out / "model.safetensors").read_bytes() == before

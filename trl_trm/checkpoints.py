@@ -93,9 +93,7 @@ def _last_complete_checkpoint(value, output_dir: str, need_adaptive: bool) -> st
         problem = checkpoint_problem(path, need_adaptive)
         if problem is None:
             if skipped:
-                warnings.warn(
-                    f"Resuming from {path}, the newest complete checkpoint.", RuntimeWarning, stacklevel=3
-                )
+                warnings.warn(f"Resuming from {path}, the newest complete checkpoint.", RuntimeWarning, stacklevel=3)
             return path
         skipped.append(path)
         warnings.warn(

@@ -37,7 +37,9 @@ class PlotArguments:
 
 
 _RUN: dict = {"ddp_timeout": None}  # the running command's ddp_timeout, named when a collective times out
-TRAIN_USAGE = "usage: trl-trm train [--config RECIPE.yaml] [--field value ...]   (`trl-trm train --help` lists every field)"
+TRAIN_USAGE = (
+    "usage: trl-trm train [--config RECIPE.yaml] [--field value ...]   (`trl-trm train --help` lists every field)"
+)
 
 
 def _train(rest: list[str]) -> int:
