@@ -1,6 +1,8 @@
 """The checkpoints and the output directory of a run: which checkpoint `resume_from_checkpoint` means, and what
-happens to an earlier run in `output_dir` (refused, or cleared with `overwrite_output_dir`). Both are preflight
-checks (`trl_trm.preflight.check_recipe` / `check_data` call them), each raising one `ValueError` line.
+happens to an earlier run in `output_dir` (refused, or cleared with `overwrite_output_dir`), and what a resume may
+do (:func:`check_resume`: a checkpoint that reached `max_steps` ends the command with exit 0; other TRM settings than
+the checkpoint's are refused, or recorded as a new segment in `trm_segments.json` with `allow_trm_change`). All are
+preflight checks (`trl_trm.preflight.check_recipe` / `check_data` call them), each raising one `ValueError` line.
 """
 
 from __future__ import annotations

@@ -8,7 +8,9 @@
 Arguments and recipes are parsed by TRL's `TrlParser` from dataclasses (no hand-written YAML or flag parsing).
 Bad input (a YAML error or duplicate key, unknown recipe keys, bad values, missing reward functions, trackers or
 columns, a malformed dataset file, an unreachable Hub) gives one `trl-trm <command>: error: ...` line and exit code 2;
-a run that started but cannot give a result (0 training steps, a launched run that failed) exits with code 1.
+a run that started but cannot give a result (0 training steps, a launched run that failed, a collective that
+timed out because another process stopped: `ddp_timeout`) exits with code 1. Resuming a run that already reached
+`max_steps` says so and exits 0. `trl-trm train` holds a lock on its `output_dir` while it runs (`trl_trm.runlock`).
 """
 
 from __future__ import annotations
@@ -168,8 +170,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def collective_timeout(err: BaseException) -> str | None:
     """The one line for a collective that timed out (a stalled or stopped rank), else None."""
+    import torch.distributed as dist
+
     text = str(err)
-    if "timed out" not in text.lower() and "timeout" not in text.lower():
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+    if "timed out" not in text.lower() and type(err).__name__ != "DistBackendError":
         return None
     timeout = _RUN["ddp_timeout"]
     first = text.strip().splitlines()[0] if text.strip() else type(err).__name__

@@ -3,13 +3,18 @@ names the input and the fix (`trl_trm.cli` prints it and exits with code 2).
 
 Two stages, called by `trl_trm.train.build_trainer` in this order:
 
-- :func:`check_recipe`: what needs neither data nor model (refused script fields, trackers, reward sources and
-  weights, push_to_hub offline, quantization, the checkpoint to resume from);
-- :func:`check_data`: what needs the loaded training data (its size, the columns the reward functions read, TRL's
-  named rewards, an earlier run in `output_dir`).
+- :func:`check_recipe`: what needs neither data nor model (refused script fields, `max_steps` and `VALUE_LIMITS`,
+  trackers, reward sources and weights, push_to_hub offline, quantization, the checkpoint to resume from and what
+  the resume may do);
+- :func:`check_data`: what needs the loaded training data (its size, empty prompts, the columns the reward functions
+  read, TRL's named rewards, an earlier run in `output_dir`).
 
-Where several checks share a shape they read a table: `REFUSED_SCRIPT_FIELDS`, `TRACKERS`, `QUANTIZATION_PROBLEMS`,
-`HUB_OFFLINE_VARS`, `TRL_REWARD_KWARGS`. The checkpoint and output-directory checks live in `trl_trm/checkpoints.py`.
+Reward functions named in the recipe are wrapped by :func:`checked_reward`, so the first call that breaks TRL's
+contract names the function (they are not called here: they may be expensive). Prompts longer than the model's
+context are checked once the model is loaded (`trl_trm.train.check_prompt_lengths`).
+
+Where several checks share a shape they read a table: `REFUSED_SCRIPT_FIELDS`, `VALUE_LIMITS`, `TRACKERS`,
+`QUANTIZATION_PROBLEMS`, `HUB_OFFLINE_VARS`, `TRL_REWARD_KWARGS`. The checkpoint and output-directory checks live in `trl_trm/checkpoints.py`.
 """
 
 from __future__ import annotations
