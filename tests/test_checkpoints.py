@@ -15,7 +15,7 @@ from trl_trm.checkpoints import RESUME_NONE, check_output_dir, earlier_run_files
 def _checkpoint(root: Path, step: int, complete: bool = True) -> Path:
     path = root / f"checkpoint-{step}"
     path.mkdir(parents=True)
-    (path / "model.safetensors").write_bytes(b"x")
+    (path / "model.safetensors").write_bytes(b"\x02" + b"\x00" * 7 + b"{}")  # an empty, complete safetensors file
     state = json.dumps({"global_step": step})
     (path / "trainer_state.json").write_text(state if complete else state[:5])  # cut short by a full disk
     return path

@@ -8,7 +8,9 @@
 Arguments and recipes are parsed by TRL's `TrlParser` from dataclasses (no hand-written YAML or flag parsing).
 Bad input (a YAML error or duplicate key, unknown recipe keys, bad values, missing reward functions, trackers or
 columns, a malformed dataset file, an unreachable Hub) gives one `trl-trm <command>: error: ...` line and exit code 2;
-a run that started but cannot give a result (0 training steps, a launched run that failed) exits with code 1.
+a run that started but cannot give a result (0 training steps, a launched run that failed, a collective that
+timed out because another process stopped: `ddp_timeout`) exits with code 1. Resuming a run that already reached
+`max_steps` says so and exits 0. `trl-trm train` holds a lock on its `output_dir` while it runs (`trl_trm.runlock`).
 """
 
 from __future__ import annotations
@@ -36,19 +38,38 @@ class PlotArguments:
     output: str | None = field(default=None, metadata={"help": "PNG path (default: RUN_DIR/trm_stats.png)."})
 
 
+_RUN: dict = {"ddp_timeout": None}  # the running command's ddp_timeout, named when a collective times out
+TRAIN_USAGE = (
+    "usage: trl-trm train [--config RECIPE.yaml] [--field value ...]   (`trl-trm train --help` lists every field)"
+)
+
+
 def _train(rest: list[str]) -> int:
     import os
 
     from . import train  # `train.run_train` is looked up at call time (tests replace it)
     from .launch import LAUNCHED_ENV, launch_with_accelerate, strip_launch_tokens
     from .recipe import parse_command
+    from .runlock import take_run_lock
 
+    if not rest:  # nothing to train: the usage, not an error about the hardware the defaults assume
+        print(TRAIN_USAGE, file=sys.stderr)
+        raise ValueError("give a recipe (`--config recipe.yaml`) and/or flags (`--model_name_or_path ...`).")
     (script_args, config, model_args), launch, launch_cli = parse_command(rest)
-    if launch and os.environ.get(LAUNCHED_ENV) != "1":  # `trl grpo`'s way: rerun under `accelerate launch`
-        return launch_with_accelerate(launch, strip_launch_tokens(rest, launch_cli), config)
-    trainer = train.run_train(script_args, config, model_args)
-    trainer.accelerator.print(f"trl-trm train: done; model, card and trm_stats in {config.output_dir}")
-    trainer.end()  # finish trackers, flush and destroy the process group: multi-process runs exit cleanly
+    launched = os.environ.get(LAUNCHED_ENV) == "1"
+    _RUN["ddp_timeout"] = config.ddp_timeout
+    # One run per output_dir, checked before relaunching or training; the processes a relaunch starts share the
+    # launching process's lock.
+    lock = None if launched else take_run_lock(config)
+    try:
+        if launch and not launched:  # `trl grpo`'s way: rerun under `accelerate launch`
+            return launch_with_accelerate(launch, strip_launch_tokens(rest, launch_cli), config)
+        trainer = train.run_train(script_args, config, model_args)
+        trainer.accelerator.print(f"trl-trm train: done; model, card and trm_stats in {config.output_dir}")
+        trainer.end()  # finish trackers, flush and destroy the process group: multi-process runs exit cleanly
+    finally:
+        if lock is not None:
+            lock.release()
     return 0
 
 
@@ -112,6 +133,7 @@ def _help() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .checkpoints import RunAlreadyComplete
     from .hub import HubPublishError
     from .train import TrainingError
 
@@ -128,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return COMMANDS[argv[0]](argv[1:]) or 0
+    except RunAlreadyComplete as done:  # resuming a run that already reached max_steps: nothing to do
+        print(f"trl-trm {argv[0]}: {done}")
+        return 0
     except TrainingError as err:  # the run started but gave no result
         print(f"trl-trm {argv[0]}: error: {err}", file=sys.stderr)
         return 1
@@ -135,6 +160,30 @@ def main(argv: list[str] | None = None) -> int:
         # Bad values, recipes, data, rewards, a model that cannot be found, an unreachable Hub: one clear line.
         print(f"trl-trm {argv[0]}: error: {err}", file=sys.stderr)
         return 2
+    except RuntimeError as err:
+        timeout = collective_timeout(err)
+        if timeout is None:
+            raise
+        print(f"trl-trm {argv[0]}: error: {timeout}", file=sys.stderr)
+        return 1
+
+
+def collective_timeout(err: BaseException) -> str | None:
+    """The one line for a collective that timed out (a stalled or stopped rank), else None."""
+    import torch.distributed as dist
+
+    text = str(err)
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+    if "timed out" not in text.lower() and type(err).__name__ != "DistBackendError":
+        return None
+    timeout = _RUN["ddp_timeout"]
+    first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
+    return (
+        f"a collective between the processes timed out ({first[:200]}): another process stopped, hung or died. "
+        f"The limit is `ddp_timeout`{f' ({timeout} s)' if timeout else ''} (600 s by default for `trl-trm train`); "
+        "raise it with `--ddp_timeout SECONDS` if a step legitimately takes longer."
+    )
 
 
 if __name__ == "__main__":

@@ -23,9 +23,17 @@ JSONL_SCAN_BYTES = 64 * 2**20  # local .jsonl files up to this size are checked 
 
 
 def _jsonl_problem(path: str) -> str | None:
-    """The first line of a JSON-lines file that is not a JSON object, as 'line N: ...' (None when all are)."""
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for number, line in enumerate(f, 1):
+    """The first line of a JSON-lines file that is not UTF-8 or not a JSON object, as 'line N: ...' (None when all
+    are)."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                return (
+                    f"line {number}: not UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1}; save the file "
+                    "as UTF-8)"
+                )
             if not line.strip():
                 continue
             try:

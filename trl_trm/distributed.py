@@ -26,3 +26,22 @@ def shutdown_distributed() -> None:
     dist.barrier()  # waiting here releases the GIL, so it can; this barrier's own work holds no Python tensor
     gc.collect()
     dist.destroy_process_group()
+
+
+def apply_timeout(seconds: float) -> None:
+    """Set the collective timeout of the default process group to `seconds` (no-op when not distributed).
+
+    Why this exists: transformers passes `ddp_timeout` to the process group it creates only when the run is not on
+    CPU (`TrainingArguments._setup_devices` leaves it out under `use_cpu`), so a CPU (gloo) run waited 30 minutes
+    for a stalled process whatever `ddp_timeout` said. The group exists by then (the config set it up), so its
+    timeout is set in place; gloo then fails a collective that waits longer with "Timed out waiting ...ms".
+    """
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    from torch.distributed.distributed_c10d import _set_pg_timeout
+
+    _set_pg_timeout(timedelta(seconds=seconds))

@@ -91,6 +91,7 @@ def trm_card_section(config, log_history: list[dict[str, Any]]) -> str:
         *[f"| `{k}` | {_fmt(v)} |" for k, v in settings.items()],
         "",
     ]
+    lines += _segments_lines(getattr(config, "output_dir", None))
     figures = final_accept_figures(log_history)
     lines += ["### Final masking statistics", ""]
     if figures:
@@ -104,6 +105,29 @@ def trm_card_section(config, log_history: list[dict[str, Any]]) -> str:
         ]
     lines += ["### Cite Trust Region Masking", "", "```bibtex", TRM_CITATION, "```", ""]
     return "\n".join(lines)
+
+
+def _segments_lines(output_dir: str | None) -> list[str]:
+    """The card's table of TRM settings per segment, for a run resumed with other settings (`--allow_trm_change`,
+    recorded in `trm_segments.json` by `trl_trm.checkpoints.record_segments`); empty otherwise."""
+    from .checkpoints import read_segments
+
+    segments = read_segments(output_dir) if output_dir else []
+    if len(segments) < 2:
+        return []
+    names = sorted({k for s in segments for k in s.get("settings", {})})
+    lines = [
+        "### TRM settings changed during training",
+        "",
+        "This run was resumed with other TRM settings (`--allow_trm_change`); the table above shows the last segment.",
+        "",
+        "| from step | " + " | ".join(f"`{n}`" for n in names) + " |",
+        "|---" * (len(names) + 1) + "|",
+    ]
+    for segment in segments:
+        values = [_fmt(segment["settings"].get(n)) for n in names]
+        lines.append(f"| {segment['from_step']} | " + " | ".join(values) + " |")
+    return [*lines, ""]
 
 
 def append_trm_section(readme_path: str, config, log_history: list[dict[str, Any]]) -> None:

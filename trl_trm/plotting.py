@@ -39,11 +39,17 @@ def load_history(run_dir: str) -> tuple[list[dict[str, Any]], str]:
     if os.path.exists(stats):
         records = []
         with open(stats, encoding="utf-8") as f:
-            for line in f:
+            for number, line in enumerate(f, 1):
                 try:
-                    records.append(json.loads(line))
+                    record = json.loads(line)
                 except json.JSONDecodeError:  # a line cut short by a crash
                     continue
+                if not isinstance(record, dict):
+                    raise ValueError(
+                        f"{stats}, line {number}: a {type(record).__name__}, not a JSON object: every line of "
+                        f"{STATS_FILE} is one record of a logging step; remove or fix that line."
+                    )
+                records.append(record)
         return records, stats
     state = os.path.join(run_dir, "trainer_state.json")
     if not os.path.exists(state):

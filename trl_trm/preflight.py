@@ -3,13 +3,18 @@ names the input and the fix (`trl_trm.cli` prints it and exits with code 2).
 
 Two stages, called by `trl_trm.train.build_trainer` in this order:
 
-- :func:`check_recipe`: what needs neither data nor model (refused script fields, trackers, reward sources and
-  weights, push_to_hub offline, quantization, the checkpoint to resume from);
-- :func:`check_data`: what needs the loaded training data (its size, the columns the reward functions read, TRL's
-  named rewards, an earlier run in `output_dir`).
+- :func:`check_recipe`: what needs neither data nor model (refused script fields, `max_steps` and `VALUE_LIMITS`,
+  trackers, reward sources and weights, push_to_hub offline, quantization, the checkpoint to resume from and what
+  the resume may do);
+- :func:`check_data`: what needs the loaded training data (its size, empty prompts, the columns the reward functions
+  read, TRL's named rewards, an earlier run in `output_dir`).
 
-Where several checks share a shape they read a table: `REFUSED_SCRIPT_FIELDS`, `TRACKERS`, `QUANTIZATION_PROBLEMS`,
-`HUB_OFFLINE_VARS`, `TRL_REWARD_KWARGS`. The checkpoint and output-directory checks live in `trl_trm/checkpoints.py`.
+Reward functions named in the recipe are wrapped by :func:`checked_reward`, so the first call that breaks TRL's
+contract names the function (they are not called here: they may be expensive). Prompts longer than the model's
+context are checked once the model is loaded (`trl_trm.train.check_prompt_lengths`).
+
+Where several checks share a shape they read a table: `REFUSED_SCRIPT_FIELDS`, `VALUE_LIMITS`, `TRACKERS`,
+`QUANTIZATION_PROBLEMS`, `HUB_OFFLINE_VARS`, `TRL_REWARD_KWARGS`. The checkpoint and output-directory checks live in `trl_trm/checkpoints.py`.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from .checkpoints import check_output_dir, resolve_checkpoint
+from .checkpoints import check_output_dir, check_resume, resolve_checkpoint
 
 # Script fields `trl-trm train` refuses when set: field -> the one-line error.
 REFUSED_SCRIPT_FIELDS = {
@@ -71,6 +76,7 @@ def check_recipe(script_args, config, model_args) -> tuple[list, Any]:
     """The checks that need neither data nor model, in order. Resolves `config.resume_from_checkpoint` to a folder
     (or None) and returns (reward_funcs, quantization_config)."""
     check_script_fields(script_args)
+    check_max_steps(config)
     check_report_to(config)
     reward_funcs = check_rewards(script_args, config)
     check_push_offline(config)
@@ -78,6 +84,7 @@ def check_recipe(script_args, config, model_args) -> tuple[list, Any]:
     config.resume_from_checkpoint = resolve_checkpoint(
         config.resume_from_checkpoint, config.output_dir, need_adaptive=config.trm_target_accept_rate is not None
     )
+    check_resume(script_args, config)
     return reward_funcs, quantization_config
 
 
@@ -86,6 +93,7 @@ def check_data(script_args, config, reward_funcs: list, train_dataset) -> None:
     from .rewards import TRL_REWARD_NAMES
 
     check_dataset_size(train_dataset, config)
+    check_prompts(train_dataset)
     columns = train_dataset.column_names or list(next(iter(train_dataset)))  # a mapped stream may not know them
     check_reward_columns(reward_funcs, columns)
     check_trl_rewards([n for n in script_args.reward_funcs or [] if n in TRL_REWARD_NAMES], train_dataset, config)
@@ -98,6 +106,33 @@ def check_script_fields(script_args) -> None:
     for name, error in REFUSED_SCRIPT_FIELDS.items():
         if getattr(script_args, name, None):
             raise ValueError(error)
+
+
+# Settings whose value cannot give a working run, refused before the model loads: (field, is_bad, what it must be).
+# Other limits (num_generations >= 2, batch divisible by num_generations) are TRL's own one-line errors.
+VALUE_LIMITS: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    ("learning_rate", lambda v: v < 0, ">= 0 (a negative rate climbs the loss)"),
+    ("temperature", lambda v: v <= 0, "> 0: GRPO samples its completions and divides the logits by it"),
+    ("max_completion_length", lambda v: v is not None and v < 1, ">= 1 token"),
+    ("per_device_train_batch_size", lambda v: v < 1, ">= 1"),
+    ("num_train_epochs", lambda v: v <= 0, "> 0 (or set max_steps)"),
+)
+
+
+def check_max_steps(config) -> None:
+    """`max_steps: 0` trains nothing (transformers would then blame the dataset); negative values other than -1 too.
+    Then the values of `VALUE_LIMITS`."""
+    if config.max_steps == 0 or config.max_steps < -1:
+        raise ValueError(
+            f"`max_steps: {config.max_steps}` trains nothing: set a positive number of optimizer steps, or -1 (the "
+            "default) to train `num_train_epochs` over the dataset."
+        )
+    for name, is_bad, must in VALUE_LIMITS:
+        if name == "num_train_epochs" and config.max_steps > 0:
+            continue  # max_steps decides the length
+        value = getattr(config, name, None)
+        if value is not None and is_bad(value):
+            raise ValueError(f"`{name}: {value}` cannot train: it must be {must}.")
 
 
 def check_report_to(config) -> None:
@@ -157,13 +192,64 @@ def check_rewards(script_args, config) -> list:
         check_hub_model(script_args.reward_model_name_or_path, "reward_model_name_or_path")
         reward_funcs.append(script_args.reward_model_name_or_path)
     if script_args.reward_funcs or not reward_funcs:
-        reward_funcs += resolve_reward_funcs(script_args.reward_funcs)
+        reward_funcs += [checked_reward(f) for f in resolve_reward_funcs(script_args.reward_funcs)]
     if config.reward_weights is not None and len(config.reward_weights) != len(reward_funcs):
         raise ValueError(
             f"`reward_weights` has {len(config.reward_weights)} entries but there are {len(reward_funcs)} reward "
             "functions (`reward_model_name_or_path` counts as the first): give one weight per reward function."
         )
     return reward_funcs
+
+
+REWARD_CONTRACT = (
+    "a reward function is called as `f(prompts=..., completions=..., completion_ids=..., **dataset_columns)`, so it "
+    "must accept `**kwargs`, and must return a list with one float (or None) per completion"
+)
+
+
+def checked_reward(func: Callable) -> Callable:
+    """`func` wrapped so that a call TRL makes that fails on the signature, or a result that is not one float (or
+    None) per completion, raises one ValueError naming the function and what it must return (instead of a
+    traceback deep in TRL at step 1). The name and signature stay `func`'s (TRL logs rewards by `__name__`). Async
+    functions and non-functions (reward models) are returned as they are."""
+    import functools
+    import inspect
+    import numbers
+
+    if not inspect.isfunction(func) or inspect.iscoroutinefunction(func):
+        return func
+    name = getattr(func, "__name__", repr(func))
+
+    @functools.wraps(func)
+    def reward(*args, **kwargs):
+        try:
+            result = func(*args, **kwargs)
+        except TypeError as err:
+            if "argument" not in str(err):
+                raise
+            raise ValueError(f"Reward function {name!r} cannot be called ({err}): {REWARD_CONTRACT}.") from None
+        completions = kwargs.get("completions", args[0] if args else None)
+        if completions is None:
+            return result
+        if not isinstance(result, (list, tuple)) and not hasattr(result, "tolist"):
+            raise ValueError(
+                f"Reward function {name!r} returned a {type(result).__name__}, not a list: {REWARD_CONTRACT}."
+            )
+        values = result.tolist() if hasattr(result, "tolist") else list(result)
+        if len(values) != len(completions):
+            raise ValueError(
+                f"Reward function {name!r} returned {len(values)} values for {len(completions)} completions: "
+                f"{REWARD_CONTRACT}."
+            )
+        bad = next((v for v in values if v is not None and not isinstance(v, numbers.Real)), None)
+        if bad is not None:
+            raise ValueError(
+                f"Reward function {name!r} returned {bad!r} (a {type(bad).__name__}) among its rewards: "
+                f"{REWARD_CONTRACT}."
+            )
+        return result
+
+    return reward
 
 
 def check_push_offline(config) -> None:
@@ -208,6 +294,30 @@ def check_dataset_size(train_dataset, config) -> None:
             f"{config.num_generations}), so training would run 0 steps: use a larger dataset, or a smaller "
             "per_device_train_batch_size / steps_per_generation."
         )
+
+
+PROMPT_SCAN_ROWS = 100_000  # rows checked for empty prompts (and, in train.py, for their length) before training
+
+
+def _prompt_text(prompt) -> str:
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list):  # messages
+        return "".join(str(m.get("content") or "") if isinstance(m, dict) else str(m) for m in prompt)
+    return "" if prompt is None else str(prompt)
+
+
+def check_prompts(train_dataset) -> None:
+    """An empty prompt (or message list) is refused with its row index: the rollout cannot start from nothing.
+    Streamed datasets and rows past `PROMPT_SCAN_ROWS` are not read here."""
+    if not hasattr(train_dataset, "__len__"):
+        return
+    prompts = train_dataset.select(range(min(len(train_dataset), PROMPT_SCAN_ROWS)))["prompt"]
+    for index, prompt in enumerate(prompts):
+        if not _prompt_text(prompt).strip():
+            raise ValueError(
+                f"Row {index} of the training data has an empty prompt ({prompt!r}): remove it or give it a prompt."
+            )
 
 
 def check_reward_columns(reward_funcs, columns: list[str]) -> None:

@@ -37,6 +37,8 @@ class TrainScriptArguments(GRPOScriptArguments, DatasetMixtureConfig):
         max_train_samples: use only the first N training rows.
         overwrite_output_dir: start a fresh run in an `output_dir` that holds an earlier one, deleting its
             `checkpoint-*` folders and `trm_stats.*` first (transformers 5 has no such field; this is ours).
+        allow_trm_change: resume a checkpoint with other TRM settings (refused without it); both segments are
+            recorded in `trm_segments.json` and the model card.
     """
 
     prompt_column: str = field(
@@ -60,8 +62,34 @@ class TrainScriptArguments(GRPOScriptArguments, DatasetMixtureConfig):
         },
     )
 
+    allow_trm_change: bool = field(
+        default=False,
+        metadata={
+            "help": "Resume a checkpoint with other TRM settings (trm_mode, trm_delta_*, the geo band, the ratio "
+            "bounds, the adaptive controller). Without it such a resume is refused; with it both segments are "
+            "recorded in output_dir/trm_segments.json and the model card."
+        },
+    )
+
     def __post_init__(self):
-        DatasetMixtureConfig.__post_init__(self)  # `datasets` entries from YAML -> DatasetConfig
+        if isinstance(self.reward_funcs, str):  # `reward_funcs: reversal` in YAML: one name, not its letters
+            self.reward_funcs = [self.reward_funcs]
+        try:
+            DatasetMixtureConfig.__post_init__(self)  # `datasets` entries from YAML -> DatasetConfig
+        except TypeError as err:  # an entry with a key DatasetConfig does not take (a typo)
+            from dataclasses import fields
+
+            from trl.scripts.utils import DatasetConfig
+
+            keys = ", ".join(f.name for f in fields(DatasetConfig))
+            raise ValueError(
+                f"A `datasets` entry has a key that dataset entries do not take ({err}): the keys are {keys}."
+            ) from None
+
+
+# `ddp_timeout` of the command line (seconds): a stalled or stopped process fails the run after 10 minutes, not after
+# transformers' 30. The recipe or `--ddp_timeout` override it; `TRMConfig` itself keeps transformers' default.
+CLI_DDP_TIMEOUT = 600
 
 
 def make_parser(prog: str = "trl-trm train"):
@@ -70,7 +98,9 @@ def make_parser(prog: str = "trl-trm train"):
     from .config import TRMConfig
 
     # allow_abbrev=False: argparse would otherwise accept `--trm_mod` as `--trm_mode`, hiding typos.
-    return TrlParser(dataclass_types=[TrainScriptArguments, TRMConfig, ModelConfig], prog=prog, allow_abbrev=False)
+    parser = TrlParser(dataclass_types=[TrainScriptArguments, TRMConfig, ModelConfig], prog=prog, allow_abbrev=False)
+    parser.set_defaults(ddp_timeout=CLI_DDP_TIMEOUT)  # a recipe's value (set_defaults too) and flags come later
+    return parser
 
 
 # ------------------------------------------------------------------------------------------------ recipe file checks

@@ -151,6 +151,13 @@ def resolve_reward_funcs(names: list[str] | None) -> list[Callable]:
                 f"Cannot import the module of reward function {name!r}: {err}. Check the spelling, and run from the "
                 "directory that holds the module (or install it)."
             ) from err
+        except Exception as err:  # the module itself fails: a syntax error, or an error at import time
+            where = f" ({err.filename}, line {err.lineno})" if isinstance(err, SyntaxError) else ""
+            raise ValueError(
+                f"The module of reward function {name!r} fails to import: {type(err).__name__}: "
+                f"{getattr(err, 'msg', None) or err}{where}. Fix the module (`python -c 'import {module_name}'` shows "
+                "the full traceback)."
+            ) from None
         func = getattr(module, attr, None)
         if not callable(func):
             raise ValueError(f"Reward function {name!r}: module {module_name!r} has no callable named {attr!r}.")

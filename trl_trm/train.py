@@ -158,7 +158,7 @@ def build_trainer(script_args: TrainScriptArguments, config, model_args):
     check_data(script_args, config, reward_funcs, train_dataset)
     model = resolve_model(model_args, config.output_dir, config.seed)
     config.model_init_kwargs = model_init_kwargs(model_args, config)
-    return TRMTrainer(
+    trainer = TRMTrainer(
         model=model,
         reward_funcs=reward_funcs,
         args=config,
@@ -167,6 +167,45 @@ def build_trainer(script_args: TrainScriptArguments, config, model_args):
         quantization_config=quantization_config,
         peft_config=get_peft_config(model_args),
     )
+    check_prompt_lengths(trainer, train_dataset)
+    return trainer
+
+
+def model_context(model) -> int | None:
+    """The model's context length (`max_position_embeddings` of its config, or of its text config), if it has one."""
+    config = getattr(model, "config", None)
+    for cfg in (config, getattr(config, "text_config", None)):
+        value = getattr(cfg, "max_position_embeddings", None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_prompt_lengths(trainer, train_dataset) -> None:
+    """A prompt whose tokens plus `max_completion_length` exceed the model's context is refused with its row index
+    (a model past its context would train silently on positions it never learned). Checked once the tokenizer and
+    the model are loaded; streamed datasets and rows past `PROMPT_SCAN_ROWS` are not read."""
+    from .preflight import PROMPT_SCAN_ROWS
+
+    tokenizer, model = getattr(trainer, "processing_class", None), getattr(trainer, "model", None)
+    context = model_context(model)
+    if tokenizer is None or context is None or not hasattr(train_dataset, "__len__"):
+        return
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor wraps its tokenizer
+    budget = trainer.args.max_completion_length
+    prompts = train_dataset.select(range(min(len(train_dataset), PROMPT_SCAN_ROWS)))["prompt"]
+    texts = [
+        tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) if isinstance(p, list) else p
+        for p in prompts
+    ]
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    for index, length in enumerate(lengths):
+        if length + budget > context:
+            raise ValueError(
+                f"Row {index} of the training data has a prompt of {length} tokens; with max_completion_length "
+                f"{budget} that exceeds the model's context of {context} tokens: shorten or drop such prompts, or "
+                "lower max_completion_length."
+            )
 
 
 def check_trained(trainer) -> None:
