@@ -9,7 +9,7 @@ Two stages, called by `trl_trm.train.build_trainer` in this order:
 - :func:`check_data`: what needs the loaded training data (its size, empty prompts, the columns the reward functions
   read, TRL's named rewards, an earlier run in `output_dir`).
 
-Reward functions named in the recipe are wrapped by :func:`checked_reward`, so the first call that breaks TRL's
+Reward functions named in the recipe are wrapped by :func:`~trl_trm.rewards.checked_reward`, so the first call that breaks TRL's
 contract names the function (they are not called here: they may be expensive). Prompts longer than the model's
 context are checked once the model is loaded (`trl_trm.train.check_prompt_lengths`).
 
@@ -25,6 +25,8 @@ from collections.abc import Callable
 from typing import Any
 
 from .checkpoints import check_output_dir, check_resume, resolve_checkpoint
+from .rewards import REWARD_CONTRACT as REWARD_CONTRACT
+from .rewards import checked_reward
 
 # Script fields `trl-trm train` refuses when set: field -> the one-line error.
 REFUSED_SCRIPT_FIELDS = {
@@ -199,57 +201,6 @@ def check_rewards(script_args, config) -> list:
             "functions (`reward_model_name_or_path` counts as the first): give one weight per reward function."
         )
     return reward_funcs
-
-
-REWARD_CONTRACT = (
-    "a reward function is called as `f(prompts=..., completions=..., completion_ids=..., **dataset_columns)`, so it "
-    "must accept `**kwargs`, and must return a list with one float (or None) per completion"
-)
-
-
-def checked_reward(func: Callable) -> Callable:
-    """`func` wrapped so that a call TRL makes that fails on the signature, or a result that is not one float (or
-    None) per completion, raises one ValueError naming the function and what it must return (instead of a
-    traceback deep in TRL at step 1). The name and signature stay `func`'s (TRL logs rewards by `__name__`). Async
-    functions and non-functions (reward models) are returned as they are."""
-    import functools
-    import inspect
-    import numbers
-
-    if not inspect.isfunction(func) or inspect.iscoroutinefunction(func):
-        return func
-    name = getattr(func, "__name__", repr(func))
-
-    @functools.wraps(func)
-    def reward(*args, **kwargs):
-        try:
-            result = func(*args, **kwargs)
-        except TypeError as err:
-            if "argument" not in str(err):
-                raise
-            raise ValueError(f"Reward function {name!r} cannot be called ({err}): {REWARD_CONTRACT}.") from None
-        completions = kwargs.get("completions", args[0] if args else None)
-        if completions is None:
-            return result
-        if not isinstance(result, (list, tuple)) and not hasattr(result, "tolist"):
-            raise ValueError(
-                f"Reward function {name!r} returned a {type(result).__name__}, not a list: {REWARD_CONTRACT}."
-            )
-        values = result.tolist() if hasattr(result, "tolist") else list(result)
-        if len(values) != len(completions):
-            raise ValueError(
-                f"Reward function {name!r} returned {len(values)} values for {len(completions)} completions: "
-                f"{REWARD_CONTRACT}."
-            )
-        bad = next((v for v in values if v is not None and not isinstance(v, numbers.Real)), None)
-        if bad is not None:
-            raise ValueError(
-                f"Reward function {name!r} returned {bad!r} (a {type(bad).__name__}) among its rewards: "
-                f"{REWARD_CONTRACT}."
-            )
-        return result
-
-    return reward
 
 
 def check_push_offline(config) -> None:

@@ -14,7 +14,10 @@ Recipes name rewards in `reward_funcs` as `trl grpo` does: a built-in name below
 
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
+import numbers
 import os
 import re
 import sys
@@ -163,3 +166,50 @@ def resolve_reward_funcs(names: list[str] | None) -> list[Callable]:
             raise ValueError(f"Reward function {name!r}: module {module_name!r} has no callable named {attr!r}.")
         funcs.append(func)
     return funcs
+
+
+REWARD_CONTRACT = (
+    "a reward function is called as `f(prompts=..., completions=..., completion_ids=..., **dataset_columns)`, so it "
+    "must accept `**kwargs`, and must return a list with one float (or None) per completion"
+)
+
+
+def checked_reward(func: Callable) -> Callable:
+    """`func` wrapped so that a call TRL makes that fails on the signature, or a result that is not one float (or
+    None) per completion, raises one ValueError naming the function and what it must return (instead of a
+    traceback deep in TRL at step 1). The name and signature stay `func`'s (TRL logs rewards by `__name__`). Async
+    functions and non-functions (reward models) are returned as they are."""
+    if not inspect.isfunction(func) or inspect.iscoroutinefunction(func):
+        return func
+    name = getattr(func, "__name__", repr(func))
+
+    @functools.wraps(func)
+    def reward(*args, **kwargs):
+        try:
+            result = func(*args, **kwargs)
+        except TypeError as err:
+            if "argument" not in str(err):
+                raise
+            raise ValueError(f"Reward function {name!r} cannot be called ({err}): {REWARD_CONTRACT}.") from None
+        completions = kwargs.get("completions", args[0] if args else None)
+        if completions is None:
+            return result
+        if not isinstance(result, (list, tuple)) and not hasattr(result, "tolist"):
+            raise ValueError(
+                f"Reward function {name!r} returned a {type(result).__name__}, not a list: {REWARD_CONTRACT}."
+            )
+        values = result.tolist() if hasattr(result, "tolist") else list(result)
+        if len(values) != len(completions):
+            raise ValueError(
+                f"Reward function {name!r} returned {len(values)} values for {len(completions)} completions: "
+                f"{REWARD_CONTRACT}."
+            )
+        bad = next((v for v in values if v is not None and not isinstance(v, numbers.Real)), None)
+        if bad is not None:
+            raise ValueError(
+                f"Reward function {name!r} returned {bad!r} (a {type(bad).__name__}) among its rewards: "
+                f"{REWARD_CONTRACT}."
+            )
+        return result
+
+    return reward
