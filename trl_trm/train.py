@@ -75,14 +75,11 @@ from .recipe import (  # noqa: F401
     parse_command,
     parse_recipe,
 )
+from .run_health import TrainingError  # noqa: F401  (defined beside the trainer's checks; this import path stays)
 from .tasks import BUILTIN_PREFIX, load_builtin_dataset  # noqa: F401
 
 BUILTIN_MODELS = ("tiny",)
 TINY_MARKER = "trl_trm_tiny.json"  # written beside a built `builtin:tiny` model: the seed it was built with
-
-
-class TrainingError(RuntimeError):
-    """The run started but cannot give a result (e.g. it trained 0 steps): `trl-trm` exits with code 1."""
 
 
 # ------------------------------------------------------------------------------------------------ model

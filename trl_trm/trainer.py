@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -23,6 +24,7 @@ from .loss_inputs import detach_unweighted, old_logps_for, weight_loss_inputs
 from .masking import TrustRegionMaskOutput, estimator_weights, mask_and_weights, seq_tis_auto_log_clip
 from .processors import sampler_for_trainer
 from .rollout import RolloutLogprobChecks, record_sampling_logprobs
+from .run_health import RunHealth, TrainingError, reward_nonfinite_counts
 from .setup_checks import check_trainer_setup, trm_config_for
 from .topk import BATCH_KEYS
 from .vllm_checks import check_vllm_logprobs
@@ -44,6 +46,9 @@ class TRMTrainer(GRPOTrainer):
       of the sampled tokens, which TRL does not; with vLLM and `trm_rollout_topk`, takes the sampled token's log-prob
       by id (TRL's `lp[0]` is then the most probable token's).
     * `_generate`: checks the rollout log-probs before TRL pads them (silently) and collects the rollout top-k.
+    * `_calculate_rewards`: counts the non-finite rewards (NaN, inf, or None, which TRL turns into NaN and then leaves
+      out of the sum) in the (N, F) tensor TRL has gathered over every process: warned about once with the count,
+      logged as `trm/reward_nonfinite_frac`, and an error at the end of a run where no reward was finite.
     * `_generate_and_score_completions`: pads the top-k into (B, T, k) `trm_topk_*` tensors (TRL shuffles and splits
       every tensor by row, so they stay aligned); with `trm_mask_policy="generation"`, evaluates the mask once.
     * `_compute_loss`: hands a shallow copy of the batch (reused across `num_iterations`) to the forward below.
@@ -52,6 +57,9 @@ class TRMTrainer(GRPOTrainer):
       π_θ at the top-k ids from the same forward, evaluates the mask and scales the advantages by the (B, T) weights,
       which multiplies the per-token policy loss by them (why, and the KL and entropy terms: `trl_trm.loss_inputs`).
     * `log`: reduces the `trm/` window once, before TRL averages its `_metrics` lists.
+    * `_get_grad_norm`: records whether each optimizer step's gradient was non-zero (every setup computes it here).
+    * `train`: TRL's training, then :class:`~trl_trm.run_health.TrainingError` (one line) when the run could not
+      learn: no finite reward, every sequence rejected, or a zero gradient at every step (`trl_trm.run_health`).
     * `_save_checkpoint`, `_load_optimizer_and_scheduler`: save and restore the adaptive thresholds.
     * `create_model_card`, `init_hf_repo`, `push_to_hub`: a TRM section in the card; one line if the Hub is unreachable.
     * `end`: flushes pending collectives before the process group is torn down (`trl_trm.distributed`).
@@ -103,6 +111,8 @@ class TRMTrainer(GRPOTrainer):
         self._trm_capture = not self.use_vllm and self.rollout_func is None
         self._trm_checks = RolloutLogprobChecks()
         self._trm_window = MetricsWindow()  # the trm/ statistics since the last log, reduced in `log`
+        self._trm_health = RunHealth()  # could this `train()` learn anything? (checked when it returns)
+        self._trm_reward_warned = False
         self._trm_loss_inputs: dict[str, Any] | None = None
         self._trm_topk = args.trm_rollout_topk
         self._trm_topk_stash = self._trm_pending_topk = None  # top-k of the last turn / of the batch being built
@@ -162,6 +172,31 @@ class TRMTrainer(GRPOTrainer):
                 extra = result[5] if engine_func else None  # the `rollout_func`'s extra keys
                 self._trm_pending_topk = topk.completion_topk(completion_ids, self._trm_topk, extra, recorded)
         return result
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)  # (N, F)
+        mode = "train" if self.model.training else "eval"
+        if mode == "train":
+            per_func, any_row = self._trm_health.add_rewards(rewards_per_func)
+        else:
+            per_func, any_row = reward_nonfinite_counts(rewards_per_func)
+        nonfinite, total = int(any_row), rewards_per_func.size(0)  # every process's completions: gathered by TRL
+        self._trm_window.add_rewards(mode, nonfinite, total)
+        if nonfinite and not self._trm_reward_warned:
+            self._trm_reward_warned = True
+            counts = ", ".join(
+                f"{n}: {int(c)}" for n, c in zip(self.reward_func_names, per_func.tolist(), strict=True) if c
+            )
+            warnings.warn(
+                f"{nonfinite} of {total} completions at step {self.state.global_step} have a non-finite reward (NaN, "
+                f"inf or None; per reward function: {counts}). TRL leaves such a reward out of the sum, a completion "
+                "with no finite reward gets advantage 0, and the logged reward averages the finite ones only. Counted "
+                "in trm/reward_nonfinite_frac; warned once per run. Ignore this only if a function returns None on "
+                "purpose for completions it does not apply to.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return rewards_per_func
 
     def _generate_and_score_completions(self, inputs):
         output = super()._generate_and_score_completions(inputs)
@@ -303,6 +338,9 @@ class TRMTrainer(GRPOTrainer):
         names, local = pack_sequence_stats(sequence_statistics(result, advantages, mask))  # (B, K)
         gathered = self.accelerator.gather(local)  # (num_processes * B, K)
         self._trm_window.add_sequences(mode, names, gathered)
+        if mode == "train":
+            counted = gathered[:, names.index("length")] > 0  # (N,) sequences with tokens
+            self._trm_health.add_sequences(gathered[counted, names.index("keep")].sum(), counted.sum())
         adaptive = self._trm_adaptive
         if adaptive is not None and mode == "train":
             self._trm_window.count_step(mode, names, gathered, adaptive.delta_max, adaptive.delta_avg)
@@ -316,6 +354,20 @@ class TRMTrainer(GRPOTrainer):
         """TRL's `log`, after reducing the `trm/` window once (a max is the window's max over every micro-batch)."""
         self._trm_flush_window("train" if self.model.training else "eval")
         super().log(logs, start_time)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        self._trm_health.add_grad_norm(grad_norm)
+        return grad_norm
+
+    def train(self, *args, **kwargs):
+        """TRL's `train`; then one-line :class:`~trl_trm.run_health.TrainingError` when this run could not learn."""
+        self._trm_health.reset()
+        output = super().train(*args, **kwargs)
+        problem = self._trm_health.problem(self.reward_func_names, self.args.trm_mode)
+        if problem is not None:
+            raise TrainingError(problem)
+        return output
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)

@@ -1,0 +1,126 @@
+"""Issue 21, trainer side: a run that cannot learn is a failed run, settings the mode ignores are named, the
+`trm_nonfinite` message names its field, and checkpoints / `trm_stats.jsonl` are never left half-written."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+from trainer_kwargs import write_recipe
+
+from trl_trm import TRMConfig
+from trl_trm.cli import main
+from trl_trm.masking import compute_trust_region_mask
+from trl_trm.run_health import RunHealth, TrainingError
+
+
+def always_nan(completions, **kwargs):
+    return [float("nan")] * len(completions)
+
+
+def half_nan(completions, **kwargs):
+    return [float("nan") if i % 2 else min(len(c), 40) / 40 for i, c in enumerate(completions)]
+
+
+def constant(completions, **kwargs):
+    return [1.0] * len(completions)
+
+
+def _ours(record, text):
+    return [w for w in record if text in str(w.message)]
+
+
+# ------------------------------------------------------------------------------ a run that cannot learn is a failure
+def test_always_nan_reward_fails_the_run_naming_the_function(make_trainer):
+    trainer = make_trainer(reward_funcs=always_nan, max_steps=2)
+    with pytest.warns(RuntimeWarning) as record, pytest.raises(TrainingError) as err:
+        trainer.train()
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith("every reward of the run was non-finite: the reward functions ['always_nan']")
+    assert "of 2 steps" in message
+    assert len(_ours(record, "have a non-finite reward")) == 1  # warned once, at the first step
+
+
+def test_partly_nan_rewards_are_counted_and_warned_once(make_trainer):
+    trainer = make_trainer(reward_funcs=half_nan, max_steps=2)
+    with pytest.warns(RuntimeWarning) as record:
+        trainer.train()
+    ours = _ours(record, "have a non-finite reward")
+    assert len(ours) == 1 and "2 of 4 completions at step 0" in str(ours[0].message)
+    assert "half_nan: 2" in str(ours[0].message)
+    logged = [h["trm/reward_nonfinite_frac"] for h in trainer.state.log_history if "trm/reward_nonfinite_frac" in h]
+    assert logged == [0.5, 0.5]
+
+
+def test_normal_run_logs_no_reward_metric_and_no_warning(make_trainer):
+    trainer = make_trainer(max_steps=1)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trainer.train()
+    assert not _ours(record, "non-finite reward")
+    assert not any("trm/reward_nonfinite_frac" in h for h in trainer.state.log_history)
+
+
+def test_every_sequence_rejected_for_the_whole_run_fails(make_trainer, monkeypatch):
+    import trl_trm.trainer as trainer_module
+
+    real = trainer_module.mask_and_weights
+
+    def engine_off_by_e(theta, sampling, *args, **kwargs):  # every token ratio is e: |log rho| = 1 > log 2
+        return real(theta, sampling + 1.0, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "mask_and_weights", engine_off_by_e)
+    trainer = make_trainer(max_steps=2, trm_accept_rate_floor=None)
+    with pytest.raises(TrainingError) as err:
+        trainer.train()
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith("every sequence was rejected at every one of the 2 steps (8 sequences")
+    assert "trm_mode='trm'" in message
+
+
+def test_zero_gradient_at_every_step_fails(make_trainer):
+    trainer = make_trainer(reward_funcs=constant, max_steps=2)  # constant rewards: every advantage is 0
+    with pytest.raises(TrainingError, match=r"^the gradient was zero at every one of the 2 optimizer steps"):
+        trainer.train()
+
+
+def test_run_health_counts_are_global_and_a_normal_run_passes():
+    health = RunHealth()
+    assert health.problem(["r"], "trm") is None  # 0 steps: reported by the runner, not here
+    # (N, F) rewards gathered over 2 processes: rank 1's NaNs are counted like rank 0's.
+    per_func, any_row = health.add_rewards(torch.tensor([[1.0, float("nan")], [0.5, 2.0], [float("inf"), 1.0]]))
+    assert per_func.tolist() == [1, 1] and int(any_row) == 2
+    health.add_sequences(torch.tensor(3.0), torch.tensor(4))
+    health.add_grad_norm(torch.tensor(0.25))
+    assert health.problem(["a", "b"], "trm") is None
+
+
+@pytest.mark.slow
+def test_cli_always_nan_reward_exits_1_with_one_line(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    (tmp_path / "mymod.py").write_text("def always_nan(completions, **kw):\n    return [float('nan')] * len(completions)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    recipe = write_recipe(
+        tmp_path / "r.yaml", model_name_or_path=tiny_model_dir, reward_funcs=["mymod:always_nan"], max_steps=2
+    )
+    with pytest.warns(RuntimeWarning, match="non-finite reward"):
+        assert main(["train", "--config", str(recipe)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(
+        "trl-trm train: error: every reward of the run was non-finite: the reward functions ['always_nan']"
+    )
+    assert not (tmp_path / "out" / "model.safetensors").exists()  # a failed run saves no final model
+
+
+# ------------------------------------------------------------------------------------- the trm_nonfinite message
+def test_nonfinite_raise_message_names_the_config_field():
+    theta = torch.zeros(2, 3)
+    roll = theta.clone()
+    roll[1, 1] = float("nan")
+    with pytest.raises(ValueError) as err:
+        compute_trust_region_mask(theta, roll, torch.ones(2, 3), nonfinite="raise")
+    assert "trm_nonfinite='reject'" in str(err.value) and "sequences [1]" in str(err.value)
+    assert math.isfinite(theta.sum().item())
