@@ -12,7 +12,7 @@ from trainer_kwargs import write_recipe
 
 from trl_trm import TRMConfig
 from trl_trm.cli import main
-from trl_trm.masking import compute_trust_region_mask
+from trl_trm.masking import DEFAULT_DELTA_MAX, compute_trust_region_mask
 from trl_trm.run_health import RunHealth, TrainingError
 
 
@@ -101,7 +101,9 @@ def test_run_health_counts_are_global_and_a_normal_run_passes():
 
 @pytest.mark.slow
 def test_cli_always_nan_reward_exits_1_with_one_line(tmp_path, tiny_model_dir, monkeypatch, capsys):
-    (tmp_path / "mymod.py").write_text("def always_nan(completions, **kw):\n    return [float('nan')] * len(completions)\n")
+    (tmp_path / "mymod.py").write_text(
+        "def always_nan(completions, **kw):\n    return [float('nan')] * len(completions)\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     recipe = write_recipe(
         tmp_path / "r.yaml", model_name_or_path=tiny_model_dir, reward_funcs=["mymod:always_nan"], max_steps=2
@@ -124,3 +126,55 @@ def test_nonfinite_raise_message_names_the_config_field():
         compute_trust_region_mask(theta, roll, torch.ones(2, 3), nonfinite="raise")
     assert "trm_nonfinite='reject'" in str(err.value) and "sequences [1]" in str(err.value)
     assert math.isfinite(theta.sum().item())
+
+
+# ------------------------------------------------------------------------------------ settings the mode ignores
+@pytest.mark.parametrize(
+    ("kwargs", "named"),
+    [
+        ({"trm_mode": "none", "trm_delta_max": 0.5}, "trm_delta_max=0.5 (used by trm_mode 'trm')"),
+        ({"trm_mode": "seq_mis", "trm_delta_max": 0.5}, "trm_delta_max=0.5 (used by trm_mode 'trm')"),
+        ({"trm_mode": "trm", "trm_geo_low": 0.9}, "trm_geo_low=0.9 (used by trm_mode 'geo_mask')"),
+        ({"trm_mode": "trm", "trm_ratio_max": 3.0}, "trm_ratio_max=3.0 (used by trm_mode 'seq_mis' / 'seq_tis'"),
+        ({"trm_mode": "geo_mask", "trm_delta_kl": 1e-3}, "trm_delta_kl=0.001 (used by trm_mode 'trm_exact')"),
+        ({"trm_mode": "token_tis", "trm_ratio_factor": False}, "trm_ratio_factor=False (used by trm_mode 'trm'"),
+        ({"trm_mode": "trm", "trm_adapt_rate": 0.5}, "trm_adapt_rate=0.5 (used only with trm_target_accept_rate"),
+        ({"trm_accept_rate_floor": None, "trm_accept_rate_patience": 5}, "trm_accept_rate_patience=5 (used only"),
+    ],
+    ids=[
+        "delta_max-none",
+        "delta_max-seq_mis",
+        "geo_low-trm",
+        "ratio_max-trm",
+        "delta_kl-geo",
+        "factor-token_tis",
+        "adapt_rate-fixed",
+        "patience-no-floor",
+    ],
+)
+def test_a_setting_the_mode_ignores_is_named_once(tmp_path, kwargs, named):
+    with pytest.warns(UserWarning) as record:
+        TRMConfig(str(tmp_path), use_cpu=True, **kwargs)
+    ours = _ours(record, " ignores ")
+    assert len(ours) == 1 and named in str(ours[0].message), [str(w.message) for w in record]
+    assert ours[0].filename == __file__  # points at the caller's line
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"trm_mode": "trm", "trm_delta_max": 0.5, "trm_delta_avg": None},
+        {"trm_mode": "trm_exact", "trm_rollout_topk": 4, "trm_delta_kl": 1e-3, "trm_delta_avg": 0.02},
+        {"trm_mode": "geo_mask", "trm_geo_low": 0.9, "trm_geo_high": 1.2, "trm_ratio_factor": False},
+        {"trm_mode": "seq_tis", "trm_ratio_max": "auto", "trm_ratio_min": 0.5},
+        {"trm_mode": "token_mis", "trm_ratio_min": 0.5, "trm_rollout_topk": 2, "trm_mask_policy": "generation"},
+        {"trm_mode": "none", "trm_delta_max": DEFAULT_DELTA_MAX, "trm_nonfinite": "raise"},  # the default: not set
+        {"trm_mode": "trm", "trm_target_accept_rate": 0.8, "trm_adapt_rate": 0.5},
+    ],
+    ids=["trm", "trm_exact", "geo_mask", "seq_tis", "token_mis", "none-default", "adaptive"],
+)
+def test_a_setting_the_mode_uses_is_not_warned_about(tmp_path, kwargs):
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        TRMConfig(str(tmp_path), use_cpu=True, **kwargs)
+    assert not _ours(record, " ignores ")
