@@ -3,8 +3,12 @@
 
 from __future__ import annotations
 
+import errno
+import json
 import math
+import os
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,7 +17,6 @@ from trainer_kwargs import write_recipe
 from trl_trm import TRMConfig
 from trl_trm.cli import main
 from trl_trm.masking import DEFAULT_DELTA_MAX, compute_trust_region_mask
-from trl_trm.run_health import RunHealth, TrainingError
 
 
 def always_nan(completions, **kwargs):
@@ -35,10 +38,10 @@ def _ours(record, text):
 # ------------------------------------------------------------------------------ a run that cannot learn is a failure
 def test_always_nan_reward_fails_the_run_naming_the_function(make_trainer):
     trainer = make_trainer(reward_funcs=always_nan, max_steps=2)
-    with pytest.warns(RuntimeWarning) as record, pytest.raises(TrainingError) as err:
+    with pytest.warns(RuntimeWarning) as record, pytest.raises(RuntimeError) as err:
         trainer.train()
     message = str(err.value)
-    assert "\n" not in message
+    assert type(err.value).__name__ == "TrainingError" and "\n" not in message
     assert message.startswith("every reward of the run was non-finite: the reward functions ['always_nan']")
     assert "of 2 steps" in message
     assert len(_ours(record, "have a non-finite reward")) == 1  # warned once, at the first step
@@ -74,21 +77,23 @@ def test_every_sequence_rejected_for_the_whole_run_fails(make_trainer, monkeypat
 
     monkeypatch.setattr(trainer_module, "mask_and_weights", engine_off_by_e)
     trainer = make_trainer(max_steps=2, trm_accept_rate_floor=None)
-    with pytest.raises(TrainingError) as err:
+    with pytest.raises(RuntimeError) as err:
         trainer.train()
     message = str(err.value)
-    assert "\n" not in message
+    assert type(err.value).__name__ == "TrainingError" and "\n" not in message
     assert message.startswith("every sequence was rejected at every one of the 2 steps (8 sequences")
     assert "trm_mode='trm'" in message
 
 
 def test_zero_gradient_at_every_step_fails(make_trainer):
     trainer = make_trainer(reward_funcs=constant, max_steps=2)  # constant rewards: every advantage is 0
-    with pytest.raises(TrainingError, match=r"^the gradient was zero at every one of the 2 optimizer steps"):
+    with pytest.raises(RuntimeError, match=r"^the gradient was zero at every one of the 2 optimizer steps"):
         trainer.train()
 
 
 def test_run_health_counts_are_global_and_a_normal_run_passes():
+    from trl_trm.run_health import RunHealth
+
     health = RunHealth()
     assert health.problem(["r"], "trm") is None  # 0 steps: reported by the runner, not here
     # (N, F) rewards gathered over 2 processes: rank 1's NaNs are counted like rank 0's.
@@ -178,3 +183,94 @@ def test_a_setting_the_mode_uses_is_not_warned_about(tmp_path, kwargs):
         warnings.simplefilter("always")
         TRMConfig(str(tmp_path), use_cpu=True, **kwargs)
     assert not _ours(record, " ignores ")
+
+
+# ------------------------------------------------------------------------------- writes that cannot be half-done
+def test_full_disk_mid_checkpoint_keeps_the_previous_one_whole_and_names_it(make_trainer, monkeypatch):
+    trainer = make_trainer(max_steps=2, save_strategy="steps", save_steps=1)
+    out = trainer.args.output_dir
+    real = trainer._save_optimizer_and_scheduler
+
+    def full_disk(output_dir):  # the model of checkpoint-2 is written, then the disk is full
+        if trainer.state.global_step == 2:
+            assert os.path.exists(os.path.join(output_dir, "model.safetensors"))
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(output_dir)
+
+    monkeypatch.setattr(trainer, "_save_optimizer_and_scheduler", full_disk)
+    with pytest.raises(OSError) as err:
+        trainer.train()
+    good = os.path.join(out, "checkpoint-1")
+    assert str(err.value) == (
+        f"could not write {os.path.join(out, 'checkpoint-2')} (No space left on device): nothing of it was kept and "
+        f"the last complete checkpoint is {good}; free space and resume from it (resume_from_checkpoint=True)."
+    )
+    assert type(err.value).__name__ == "CheckpointWriteError" and isinstance(err.value, RuntimeError)
+    assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint-")) == ["checkpoint-1"]
+    for name in ("model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json", "rng_state.pth"):
+        assert os.path.exists(os.path.join(good, name)), name
+    assert not os.listdir(os.path.join(out, ".trm-staging"))  # the half-written one is gone
+
+
+def test_checkpoints_are_published_whole_and_rotated(make_trainer):
+    trainer = make_trainer(max_steps=3, save_strategy="steps", save_steps=1, save_total_limit=1)
+    trainer.train()
+    out = trainer.args.output_dir
+    assert sorted(n for n in os.listdir(out) if n.startswith(("checkpoint-", ".trm"))) == ["checkpoint-3"]
+    with open(os.path.join(out, "checkpoint-3", "trainer_state.json")) as f:
+        assert json.load(f)["global_step"] == 3
+
+
+class _FullDiskFile:
+    """A file whose writes stop half-way with ENOSPC."""
+
+    def __init__(self, path, mode, **kwargs):
+        self._f = open(path, mode, **kwargs)  # noqa: SIM115
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._f.close()
+
+    def seek(self, *a):
+        return self._f.seek(*a)
+
+    def truncate(self, size):
+        return self._f.truncate(size)
+
+    def write(self, data):
+        self._f.write(data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def _record(step):
+    return {"step": step, "trm/accept_rate": 1.0}
+
+
+def test_a_failed_stats_write_leaves_whole_lines_and_warns_once(tmp_path, monkeypatch):
+    import trl_trm.callbacks as callbacks
+
+    callback = callbacks.TRMStatsCallback(plot=False)
+    args, state = SimpleNamespace(output_dir=str(tmp_path)), SimpleNamespace(is_world_process_zero=True, global_step=1)
+    callback.on_log(args, state, None, logs=_record(1))
+    monkeypatch.setattr(callbacks, "open", _FullDiskFile, raising=False)
+    with pytest.warns(RuntimeWarning) as record:
+        for step in (2, 3):
+            state.global_step = step
+            callback.on_log(args, state, None, logs=_record(step))
+    assert len(_ours(record, "could not append the step-2 record")) == 1 and len(record) == 1
+    lines = (tmp_path / "trm_stats.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1]
+
+
+def test_resume_drops_a_trailing_partial_stats_line_with_a_warning(tmp_path):
+    from trl_trm.callbacks import TRMStatsCallback
+
+    path = tmp_path / "trm_stats.jsonl"
+    path.write_text(json.dumps(_record(1)) + "\n" + json.dumps(_record(2)) + "\n" + '{"step": 3, "trm/acc')
+    args, state = SimpleNamespace(output_dir=str(tmp_path)), SimpleNamespace(is_world_process_zero=True, global_step=2)
+    with pytest.warns(RuntimeWarning, match="dropped 1 partial line"):
+        TRMStatsCallback(plot=False).on_train_begin(args, state, None)
+    assert path.read_text() == json.dumps(_record(1)) + "\n" + json.dumps(_record(2)) + "\n"
+    assert not os.path.exists(f"{path}.tmp")

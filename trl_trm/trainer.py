@@ -12,10 +12,11 @@ import warnings
 from typing import Any
 
 import torch
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl import GRPOTrainer
 
-from . import topk
+from . import atomic_checkpoint, topk
 from .callbacks import TRMStatsCallback
 from .config import TRMConfig
 from .distributed import shutdown_distributed
@@ -60,7 +61,10 @@ class TRMTrainer(GRPOTrainer):
     * `_get_grad_norm`: records whether each optimizer step's gradient was non-zero (every setup computes it here).
     * `train`: TRL's training, then :class:`~trl_trm.run_health.TrainingError` (one line) when the run could not
       learn: no finite reward, every sequence rejected, or a zero gradient at every step (`trl_trm.run_health`).
-    * `_save_checkpoint`, `_load_optimizer_and_scheduler`: save and restore the adaptive thresholds.
+    * `_save_checkpoint`, `_load_optimizer_and_scheduler`: save and restore the adaptive thresholds. A checkpoint is
+      written whole or not at all: staged in `OUTPUT_DIR/.trm-staging/` and renamed into place once every process has
+      written (`trl_trm.atomic_checkpoint`); a failed write (full disk) is one line naming the last complete one.
+    * `_get_output_dir`: the staging folder while `_save_checkpoint` writes, TRL's folder otherwise.
     * `create_model_card`, `init_hf_repo`, `push_to_hub`: a TRM section in the card; one line if the Hub is unreachable.
     * `end`: flushes pending collectives before the process group is torn down (`trl_trm.distributed`).
 
@@ -111,6 +115,7 @@ class TRMTrainer(GRPOTrainer):
         self._trm_capture = not self.use_vllm and self.rollout_func is None
         self._trm_checks = RolloutLogprobChecks()
         self._trm_window = MetricsWindow()  # the trm/ statistics since the last log, reduced in `log`
+        self._trm_staging: str | None = None  # `_get_output_dir` while a checkpoint is staged
         self._trm_health = RunHealth()  # could this `train()` learn anything? (checked when it returns)
         self._trm_reward_warned = False
         self._trm_loss_inputs: dict[str, Any] | None = None
@@ -370,10 +375,51 @@ class TRMTrainer(GRPOTrainer):
         return output
 
     def _save_checkpoint(self, model, trial):
+        """TRL's checkpoint (plus the adaptive thresholds), staged and renamed into place whole
+        (`trl_trm.atomic_checkpoint`); a failed write is one line naming the checkpoint that is still complete."""
+        folder = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        if self.args.push_to_hub:  # TRL uploads the folder in the background: it stays where it is written
+            self._trm_save_checkpoint(model, trial, folder)
+            return
+        run_dir = self._get_output_dir(trial=trial)
+        if self.args.should_save:
+            atomic_checkpoint.clear_staged(run_dir, folder)  # left by a kill
+        self._trm_staging = atomic_checkpoint.staging_root(run_dir)
+        try:
+            self._trm_save_checkpoint(model, trial, folder)
+        except OSError as err:
+            if self.args.should_save:
+                atomic_checkpoint.clear_staged(run_dir, folder)
+            raise atomic_checkpoint.write_error(run_dir, folder, err) from err
+        finally:
+            self._trm_staging = None
+        self.accelerator.wait_for_everyone()  # every process has written its files (RNG state, shards)
+        if self.args.should_save:
+            staged = os.path.join(atomic_checkpoint.staging_root(run_dir), folder)
+            best = self.state.best_model_checkpoint
+            if best is not None and best.startswith(atomic_checkpoint.staging_root(run_dir)):
+                self.state.best_model_checkpoint = os.path.join(run_dir, os.path.basename(best))
+                self.state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
+            atomic_checkpoint.publish(run_dir, folder)
+            # The rotation TRL ran inside the staging folder saw one checkpoint: rotate the real ones now.
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
+        self.accelerator.wait_for_everyone()
+
+    def _trm_save_checkpoint(self, model, trial, folder: str) -> None:
         super()._save_checkpoint(model, trial)
         if self._trm_adaptive is not None and self.args.should_save:
-            folder = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
             self._trm_adaptive.save(os.path.join(self._get_output_dir(trial=trial), folder))
+
+    def _get_output_dir(self, trial):
+        staging = getattr(self, "_trm_staging", None)
+        if staging is not None:  # inside `_save_checkpoint`: the checkpoint is staged
+            return staging
+        return super()._get_output_dir(trial=trial)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
