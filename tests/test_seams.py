@@ -107,9 +107,7 @@ def test_trainer_computes_the_grad_norm_through_get_grad_norm_and_checkpoints_th
     from transformers import Trainer
 
     assert list(inspect.signature(Trainer._get_grad_norm).parameters) == ["self", "model", "grad_norm"]
-    assert "grad_norm = self._get_grad_norm(model, grad_norm=grad_norm)" in inspect.getsource(
-        Trainer._run_epoch
-    )
+    assert "grad_norm = self._get_grad_norm(model, grad_norm=grad_norm)" in inspect.getsource(Trainer._run_epoch)
     assert list(inspect.signature(Trainer._get_output_dir).parameters) == ["self", "trial"]
     save = inspect.getsource(Trainer._save_checkpoint)
     assert "run_dir = self._get_output_dir(trial=trial)" in save and "output_dir = os.path.join(run_dir," in save

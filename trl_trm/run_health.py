@@ -2,8 +2,8 @@
 
 Pure torch, no TRL import. `TRMTrainer` feeds a :class:`RunHealth` during `train()` (reward values from
 `_calculate_rewards`, already gathered over every process; the mask's accept counts, gathered; the gradient norm of
-every optimizer step) and, when `train()` returns, raises :class:`TrainingError` with one line when the run could not
-have learned anything:
+every optimizer step) and, when `train()` returns, warns once and sets `trainer.trm_run_problem` to a one-line reason
+when the run could not have learned anything:
 
 - every reward of every completion was non-finite (NaN, inf, or None, which TRL turns into NaN): TRL leaves such
   completions out of the baseline and gives them advantage 0, so the loss and gradient are 0 at every step;
@@ -12,8 +12,9 @@ have learned anything:
 - the gradient was exactly 0 at every optimizer step (e.g. constant rewards within every group, so every advantage
   is 0): the model did not change.
 
-The first of these that applies is reported (they are listed from the most specific to the most general).
-`trl-trm train` prints the line and exits with code 1.
+The first of these that applies is reported (they are listed from the most specific to the most general). A Python
+user gets a `RuntimeWarning` (the trained state is theirs to inspect); `trl-trm train` (`trl_trm.train.check_trained`)
+raises :class:`TrainingError`, prints the line, saves no final model and exits with code 1.
 """
 
 from __future__ import annotations

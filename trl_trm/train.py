@@ -167,7 +167,11 @@ def build_trainer(script_args: TrainScriptArguments, config, model_args):
 
 
 def check_trained(trainer) -> None:
-    """A run that trained 0 steps is an error (it would otherwise save the untrained model and exit 0)."""
+    """A run that trained 0 steps, or that could not learn (`TRMTrainer.trm_run_problem`: no finite reward, every
+    sequence rejected, a zero gradient at every step), is an error: it would otherwise save the model and exit 0."""
+    problem = getattr(trainer, "trm_run_problem", None)
+    if problem is not None:
+        raise TrainingError(f"{problem} The final model was not saved.")
     if trainer.state.global_step == 0:
         raise TrainingError(
             f"training ran 0 steps (max_steps {trainer.args.max_steps}, num_train_epochs "

@@ -25,7 +25,7 @@ from .loss_inputs import detach_unweighted, old_logps_for, weight_loss_inputs
 from .masking import TrustRegionMaskOutput, estimator_weights, mask_and_weights, seq_tis_auto_log_clip
 from .processors import sampler_for_trainer
 from .rollout import RolloutLogprobChecks, record_sampling_logprobs
-from .run_health import RunHealth, TrainingError, reward_nonfinite_counts
+from .run_health import RunHealth, reward_nonfinite_counts
 from .setup_checks import check_trainer_setup, trm_config_for
 from .topk import BATCH_KEYS
 from .vllm_checks import check_vllm_logprobs
@@ -59,8 +59,9 @@ class TRMTrainer(GRPOTrainer):
       which multiplies the per-token policy loss by them (why, and the KL and entropy terms: `trl_trm.loss_inputs`).
     * `log`: reduces the `trm/` window once, before TRL averages its `_metrics` lists.
     * `_get_grad_norm`: records whether each optimizer step's gradient was non-zero (every setup computes it here).
-    * `train`: TRL's training, then :class:`~trl_trm.run_health.TrainingError` (one line) when the run could not
-      learn: no finite reward, every sequence rejected, or a zero gradient at every step (`trl_trm.run_health`).
+    * `train`: TRL's training, then one warning (and `trm_run_problem`, the one-line reason; `trl-trm train` exits 1
+      on it) when the run could not learn: no finite reward, every sequence rejected, or a zero gradient at every step
+      (`trl_trm.run_health`).
     * `_save_checkpoint`, `_load_optimizer_and_scheduler`: save and restore the adaptive thresholds. A checkpoint is
       written whole or not at all: staged in `OUTPUT_DIR/.trm-staging/` and renamed into place once every process has
       written (`trl_trm.atomic_checkpoint`); a failed write (full disk) is one line naming the last complete one.
@@ -117,6 +118,7 @@ class TRMTrainer(GRPOTrainer):
         self._trm_window = MetricsWindow()  # the trm/ statistics since the last log, reduced in `log`
         self._trm_staging: str | None = None  # `_get_output_dir` while a checkpoint is staged
         self._trm_health = RunHealth()  # could this `train()` learn anything? (checked when it returns)
+        self.trm_run_problem: str | None = None  # why the last `train()` could not learn (None: it could)
         self._trm_reward_warned = False
         self._trm_loss_inputs: dict[str, Any] | None = None
         self._trm_topk = args.trm_rollout_topk
@@ -184,7 +186,7 @@ class TRMTrainer(GRPOTrainer):
         if mode == "train":
             per_func, any_row = self._trm_health.add_rewards(rewards_per_func)
         else:
-            per_func, any_row = reward_nonfinite_counts(rewards_per_func)
+            per_func, any_row, _ = reward_nonfinite_counts(rewards_per_func)
         nonfinite, total = int(any_row), rewards_per_func.size(0)  # every process's completions: gathered by TRL
         self._trm_window.add_rewards(mode, nonfinite, total)
         if nonfinite and not self._trm_reward_warned:
@@ -366,12 +368,14 @@ class TRMTrainer(GRPOTrainer):
         return grad_norm
 
     def train(self, *args, **kwargs):
-        """TRL's `train`; then one-line :class:`~trl_trm.run_health.TrainingError` when this run could not learn."""
+        """TRL's `train`; then, when this run could not learn, one `RuntimeWarning` and `trm_run_problem` set to the
+        one-line reason (`trl-trm train` turns it into a `TrainingError`, exit code 1)."""
         self._trm_health.reset()
+        self.trm_run_problem = None
         output = super().train(*args, **kwargs)
-        problem = self._trm_health.problem(self.reward_func_names, self.args.trm_mode)
-        if problem is not None:
-            raise TrainingError(problem)
+        self.trm_run_problem = self._trm_health.problem(self.reward_func_names, self.args.trm_mode)
+        if self.trm_run_problem is not None:
+            warnings.warn(f"This run could not learn: {self.trm_run_problem}", RuntimeWarning, stacklevel=2)
         return output
 
     def _save_checkpoint(self, model, trial):
