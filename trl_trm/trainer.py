@@ -388,6 +388,7 @@ class TRMTrainer(GRPOTrainer):
         run_dir = self._get_output_dir(trial=trial)
         if self.args.should_save:
             atomic_checkpoint.clear_staged(run_dir, folder)  # left by a kill
+        self.accelerator.wait_for_everyone()  # cleared before any process writes its files into it
         self._trm_staging = atomic_checkpoint.staging_root(run_dir)
         try:
             self._trm_save_checkpoint(model, trial, folder)
