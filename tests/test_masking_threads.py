@@ -257,7 +257,8 @@ def reference_compute_trust_region_mask(
             bad = (~finite).nonzero().flatten().tolist()
             raise ValueError(
                 f"Non-finite log-probs at valid completion positions in sequences {bad[:10]}: the rollout engine or "
-                "the training forward returned NaN/inf. Use `nonfinite='reject'` to reject such sequences instead."
+                "the training forward returned NaN/inf. Use `nonfinite='reject'` (the trainer's "
+                "`trm_nonfinite='reject'`) to reject such sequences instead."
             )
         n_finite = num_finite.clamp(min=1).to(dtype)  # (B,) safe denominator
         seq_log_ratio = stats.seq_log_ratio  # (B,)

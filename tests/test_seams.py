@@ -88,3 +88,28 @@ def test_class_docstring_lists_exactly_the_trl_methods_it_overrides():
     listed = {name for line in bullets for name in re.findall(r"`(\w+)`", line.split(":")[0])}
     assert overridden == listed
     assert "_generate_single_turn" in overridden and "log" in overridden
+
+
+def test_calculate_rewards_returns_the_rewards_gathered_over_processes():
+    # TRMTrainer._calculate_rewards counts non-finite rewards in what TRL returns: the (N, F) tensor of every process.
+    params = list(inspect.signature(GRPOTrainer._calculate_rewards).parameters)
+    assert params == ["self", "inputs", "prompts", "completions", "completion_ids_list"]
+    src = inspect.getsource(GRPOTrainer._calculate_rewards)
+    assert "rewards_per_func = gather(rewards_per_func)" in src and src.rstrip().endswith("return rewards_per_func")
+    assert "self._calculate_rewards(inputs, prompts, completions, completion_ids_list)" in inspect.getsource(
+        GRPOTrainer._generate_and_score_completions
+    )
+
+
+def test_trainer_computes_the_grad_norm_through_get_grad_norm_and_checkpoints_through_get_output_dir():
+    # `_get_grad_norm` is called at every optimizer step (the zero-gradient check); `_save_checkpoint` writes every
+    # file under `_get_output_dir(trial=trial)` (the staged checkpoint) and rotates that folder.
+    from transformers import Trainer
+
+    assert list(inspect.signature(Trainer._get_grad_norm).parameters) == ["self", "model", "grad_norm"]
+    assert "grad_norm = self._get_grad_norm(model, grad_norm=grad_norm)" in inspect.getsource(Trainer._run_epoch)
+    assert list(inspect.signature(Trainer._get_output_dir).parameters) == ["self", "trial"]
+    save = inspect.getsource(Trainer._save_checkpoint)
+    assert "run_dir = self._get_output_dir(trial=trial)" in save and "output_dir = os.path.join(run_dir," in save
+    assert "output_dir=run_dir," in save  # rotate_checkpoints of the staging folder: TRMTrainer rotates the real one
+    assert "self._get_output_dir(trial=trial)" in inspect.getsource(GRPOTrainer._save_checkpoint)

@@ -51,7 +51,10 @@ def test_local_dataset_without_the_prompt_column_lists_columns(tmp_path, capsys)
 @pytest.mark.slow
 def test_train_from_local_jsonl_with_imported_reward(tmp_path, tiny_model_dir, monkeypatch, capsys):
     (tmp_path / "my_rewards.py").write_text(
-        "def longer(completions, answer, **kw):\n    return [min(len(c), 20) / 20 for c in completions]\n"
+        # + 0.1 * (i % 2): the tiny model's completions can all be alike, and a run whose rewards are constant within
+        # every group has a zero gradient at every step, which `trl-trm train` reports as a failed run (exit 1).
+        "def longer(completions, answer, **kw):\n"
+        "    return [min(len(c), 20) / 20 + 0.1 * (i % 2) for i, c in enumerate(completions)]\n"
     )
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))

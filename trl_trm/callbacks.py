@@ -3,10 +3,16 @@ accept rate stays low, and saves `OUTPUT_DIR/trm_stats.png` when training ends.
 
 `TRMTrainer` registers it by default (settings from `TRMConfig.trm_accept_rate_floor`, `trm_accept_rate_patience`,
 `trm_plot`); remove it with `trainer.remove_callback(TRMStatsCallback)`. Only the main process writes.
+
+No write leaves a half line: each record is appended with one `write` of the whole line and flushed, and a write that
+fails (full disk) is cut back to the last whole line with one warning (training goes on; the record stays in memory for
+the plot). A resumed run drops a trailing partial line (left by a kill) with a warning and rewrites the kept records
+into a temporary file that replaces the old one whole.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -49,6 +55,7 @@ class TRMStatsCallback(TrainerCallback):
         self.plot = plot
         self.low_streak = 0
         self.warned = False
+        self.write_warned = False
         self.records: list[dict] = []
 
     @staticmethod
@@ -81,17 +88,27 @@ class TRMStatsCallback(TrainerCallback):
                 )
             return
         # A resumed run keeps the records up to its checkpoint and drops the ones logged after it (logged again).
-        kept = []
+        kept, partial = [], 0
         with open(path, encoding="utf-8") as f:
             for line in f:
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError:  # a line cut short by a crash
+                    partial += 1
                     continue
                 if record.get("step", 0) <= state.global_step:
                     kept.append(record)
-        with open(path, "w", encoding="utf-8") as f:
+        if partial:
+            warnings.warn(
+                f"{path}: dropped {partial} partial line(s), cut short by an interrupted write; the {len(kept)} whole "
+                f"records up to step {state.global_step} are kept.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        tmp = f"{path}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r) + "\n" for r in kept)
+        os.replace(tmp, path)  # the old file or the new one, never half of it
         self.records = kept
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -102,10 +119,29 @@ class TRMStatsCallback(TrainerCallback):
             return
         record = {"step": state.global_step, **{k: logs[k] for k in CONTEXT_KEYS if k in logs}, **trm}
         os.makedirs(args.output_dir, exist_ok=True)
-        with open(self.stats_path(args.output_dir), "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        self._append(self.stats_path(args.output_dir), json.dumps(record) + "\n", state.global_step)
         self.records.append(record)
         self._check_accept_rate(logs.get("trm/accept_rate"))
+
+    def _append(self, path: str, line: str, step: int) -> None:
+        """Append ``line`` whole or not at all: one unbuffered write; on failure (or a short write) the file is cut
+        back to its old size, with one warning per run."""
+        data = line.encode("utf-8")
+        with open(path, "ab", buffering=0) as f:
+            size = f.seek(0, os.SEEK_END)
+            try:
+                if f.write(data) != len(data):
+                    raise OSError(errno.ENOSPC, "short write")
+            except OSError as err:
+                f.truncate(size)
+                if not self.write_warned:
+                    self.write_warned = True
+                    warnings.warn(
+                        f"could not append the step-{step} record to {path} ({err.strerror or err}): it is left out "
+                        "and the file keeps whole lines only (warned once per run).",
+                        RuntimeWarning,
+                        stacklevel=3,
+                    )
 
     def _check_accept_rate(self, accept) -> None:
         if self.accept_rate_floor is None or accept is None or math.isnan(accept):

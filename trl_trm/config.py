@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass, field, fields
 
 from trl import GRPOConfig
 
@@ -18,6 +19,20 @@ from .masking import (
 )
 
 MASK_POLICIES = ("current", "generation")
+_RATIO_MODES = ("seq_mis", "seq_tis", "token_tis", "token_mis")
+# The modes whose math reads each mode-specific `trm_*` field (trl_trm/masks.py `_rejections`, trl_trm/modes.py
+# `_weight_band`, trl_trm/estimator.py). A field missing here (trm_rollout_topk, trm_mask_policy, trm_nonfinite, ...)
+# is used in every mode, `none` included.
+USED_BY_MODES: dict[str, tuple[str, ...]] = {
+    "trm_delta_max": ("trm",),
+    "trm_delta_avg": ("trm", "trm_exact"),
+    "trm_delta_kl": ("trm_exact",),
+    "trm_geo_low": ("geo_mask",),
+    "trm_geo_high": ("geo_mask",),
+    "trm_ratio_min": _RATIO_MODES,
+    "trm_ratio_max": _RATIO_MODES,
+    "trm_ratio_factor": ("trm", "trm_exact", "geo_mask", "seq_mis", "token_mis"),
+}
 # Every masking mode is available in the trainer (`trm_exact` needs `trm_rollout_topk >= 1`).
 TRAINER_MODES = TRM_MODES
 
@@ -98,6 +113,11 @@ class TRMConfig(GRPOConfig):
         trm_nonfinite (`str`, defaults to `"reject"`):
             A sequence with a NaN/inf log-prob cannot be certified: `"reject"` rejects it (counted in
             `trm/nonfinite_frac`), `"raise"` stops training with an error.
+
+    A setting that the chosen `trm_mode` ignores (e.g. `trm_delta_max` with `trm_mode="seq_mis"`, `trm_geo_low` with
+    `"trm"`, `trm_adapt_rate` without `trm_target_accept_rate`) is named in one `UserWarning` when the config is
+    built ([`USED_BY_MODES`] lists which mode reads which field). A dataclass cannot tell a field that was set from one
+    left at its default: a value equal to the field's default counts as not set and is never warned about.
     """
 
     trm_mode: str = field(
@@ -237,6 +257,7 @@ class TRMConfig(GRPOConfig):
             raise ValueError(f"Unknown `trm_nonfinite` {self.trm_nonfinite!r}. Choose 'reject' or 'raise'.")
         self._trm_check_one_correction()
         self._trm_check_accept_rate_settings()
+        self._trm_warn_ignored_settings()
         if self.loss_type == "vespo" and self.trm_mode != "none":
             raise ValueError(
                 "`loss_type='vespo'` applies its own sequence-level importance weighting; it cannot be combined with "
@@ -315,6 +336,37 @@ class TRMConfig(GRPOConfig):
                     f"uses; got `trm_mode={self.trm_mode!r}`. Unset `trm_target_accept_rate` or use `trm_mode='trm'`."
                 )
             self.make_adaptive_thresholds()  # validates the controller settings now, not at the first step
+
+    def _trm_ignored_settings(self) -> list[str]:
+        """``"field=value (used by ...)"`` for every `trm_*` field set to a non-default value that nothing reads under
+        this config (a value equal to the default counts as not set: dataclass fields cannot tell the two apart)."""
+        defaults = {f.name: f.default for f in fields(self)}
+        ignored = [
+            (name, f"used by trm_mode {' / '.join(repr(m) for m in modes)}")
+            for name, modes in USED_BY_MODES.items()
+            if self.trm_mode not in modes
+        ]
+        if self.trm_target_accept_rate is None:
+            reason = "used only with trm_target_accept_rate set"
+            ignored += [(name, reason) for name in ("trm_adapt_rate", "trm_adapt_min_scale", "trm_adapt_max_scale")]
+        if self.trm_accept_rate_floor is None:
+            ignored.append(("trm_accept_rate_patience", "used only with trm_accept_rate_floor set"))
+        return [
+            f"{name}={getattr(self, name)!r} ({reason})"
+            for name, reason in ignored
+            if getattr(self, name) != defaults[name]
+        ]
+
+    def _trm_warn_ignored_settings(self) -> None:
+        """One `UserWarning` naming every setting this config ignores (see the class docstring)."""
+        ignored = self._trm_ignored_settings()
+        if ignored:
+            warnings.warn(
+                f"trm_mode={self.trm_mode!r} ignores {'; '.join(ignored)}. Remove {'it' if len(ignored) == 1 else 'them'}"
+                ", or choose the mode that uses it.",
+                UserWarning,
+                stacklevel=4,  # the caller of TRMConfig(...)
+            )
 
     def make_adaptive_thresholds(self):
         """The threshold controller configured by the `trm_target_accept_rate` / `trm_adapt_*` fields."""

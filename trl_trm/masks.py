@@ -284,7 +284,8 @@ def _raise_on_nonfinite(finite: torch.Tensor) -> None:
         bad = (~finite).nonzero().flatten().tolist()
         raise ValueError(
             f"Non-finite log-probs at valid completion positions in sequences {bad[:10]}: the rollout engine or "
-            "the training forward returned NaN/inf. Use `nonfinite='reject'` to reject such sequences instead."
+            "the training forward returned NaN/inf. Use `nonfinite='reject'` (the trainer's "
+            "`trm_nonfinite='reject'`) to reject such sequences instead."
         )
 
 

@@ -75,14 +75,11 @@ from .recipe import (  # noqa: F401
     parse_command,
     parse_recipe,
 )
+from .run_health import TrainingError  # noqa: F401  (defined beside the trainer's checks; this import path stays)
 from .tasks import BUILTIN_PREFIX, load_builtin_dataset  # noqa: F401
 
 BUILTIN_MODELS = ("tiny",)
 TINY_MARKER = "trl_trm_tiny.json"  # written beside a built `builtin:tiny` model: the seed it was built with
-
-
-class TrainingError(RuntimeError):
-    """The run started but cannot give a result (e.g. it trained 0 steps): `trl-trm` exits with code 1."""
 
 
 # ------------------------------------------------------------------------------------------------ model
@@ -209,7 +206,11 @@ def check_prompt_lengths(trainer, train_dataset) -> None:
 
 
 def check_trained(trainer) -> None:
-    """A run that trained 0 steps is an error (it would otherwise save the untrained model and exit 0)."""
+    """A run that trained 0 steps, or that could not learn (`TRMTrainer.trm_run_problem`: no finite reward, every
+    sequence rejected, a zero gradient at every step), is an error: it would otherwise save the model and exit 0."""
+    problem = getattr(trainer, "trm_run_problem", None)
+    if problem is not None:
+        raise TrainingError(f"{problem} The final model was not saved.")
     if trainer.state.global_step == 0:
         raise TrainingError(
             f"training ran 0 steps (max_steps {trainer.args.max_steps}, num_train_epochs "

@@ -8,13 +8,15 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import warnings
 from typing import Any
 
 import torch
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl import GRPOTrainer
 
-from . import topk
+from . import atomic_checkpoint, topk
 from .callbacks import TRMStatsCallback
 from .config import TRMConfig
 from .distributed import shutdown_distributed
@@ -23,6 +25,7 @@ from .loss_inputs import detach_unweighted, old_logps_for, weight_loss_inputs
 from .masking import TrustRegionMaskOutput, estimator_weights, mask_and_weights, seq_tis_auto_log_clip
 from .processors import sampler_for_trainer
 from .rollout import RolloutLogprobChecks, record_sampling_logprobs
+from .run_health import RunHealth, reward_nonfinite_counts
 from .setup_checks import check_trainer_setup, trm_config_for
 from .topk import BATCH_KEYS
 from .vllm_checks import check_vllm_logprobs
@@ -44,6 +47,9 @@ class TRMTrainer(GRPOTrainer):
       of the sampled tokens, which TRL does not; with vLLM and `trm_rollout_topk`, takes the sampled token's log-prob
       by id (TRL's `lp[0]` is then the most probable token's).
     * `_generate`: checks the rollout log-probs before TRL pads them (silently) and collects the rollout top-k.
+    * `_calculate_rewards`: counts the non-finite rewards (NaN, inf, or None, which TRL turns into NaN and then leaves
+      out of the sum) in the (N, F) tensor TRL has gathered over every process: warned about once with the count,
+      logged as `trm/reward_nonfinite_frac`, and an error at the end of a run where no reward was finite.
     * `_generate_and_score_completions`: pads the top-k into (B, T, k) `trm_topk_*` tensors (TRL shuffles and splits
       every tensor by row, so they stay aligned); with `trm_mask_policy="generation"`, evaluates the mask once.
     * `_compute_loss`: hands a shallow copy of the batch (reused across `num_iterations`) to the forward below.
@@ -52,7 +58,14 @@ class TRMTrainer(GRPOTrainer):
       π_θ at the top-k ids from the same forward, evaluates the mask and scales the advantages by the (B, T) weights,
       which multiplies the per-token policy loss by them (why, and the KL and entropy terms: `trl_trm.loss_inputs`).
     * `log`: reduces the `trm/` window once, before TRL averages its `_metrics` lists.
-    * `_save_checkpoint`, `_load_optimizer_and_scheduler`: save and restore the adaptive thresholds.
+    * `_get_grad_norm`: records whether each optimizer step's gradient was non-zero (every setup computes it here).
+    * `train`: TRL's training, then one warning (and `trm_run_problem`, the one-line reason; `trl-trm train` exits 1
+      on it) when the run could not learn: no finite reward, every sequence rejected, or a zero gradient at every step
+      (`trl_trm.run_health`).
+    * `_save_checkpoint`, `_load_optimizer_and_scheduler`: save and restore the adaptive thresholds. A checkpoint is
+      written whole or not at all: staged in `OUTPUT_DIR/.trm-staging/` and renamed into place once every process has
+      written (`trl_trm.atomic_checkpoint`); a failed write (full disk) is one line naming the last complete one.
+    * `_get_output_dir`: the staging folder while `_save_checkpoint` writes, TRL's folder otherwise.
     * `create_model_card`, `init_hf_repo`, `push_to_hub`: a TRM section in the card; one line if the Hub is unreachable.
     * `end`: flushes pending collectives before the process group is torn down (`trl_trm.distributed`).
 
@@ -103,6 +116,10 @@ class TRMTrainer(GRPOTrainer):
         self._trm_capture = not self.use_vllm and self.rollout_func is None
         self._trm_checks = RolloutLogprobChecks()
         self._trm_window = MetricsWindow()  # the trm/ statistics since the last log, reduced in `log`
+        self._trm_staging: str | None = None  # `_get_output_dir` while a checkpoint is staged
+        self._trm_health = RunHealth()  # could this `train()` learn anything? (checked when it returns)
+        self.trm_run_problem: str | None = None  # why the last `train()` could not learn (None: it could)
+        self._trm_reward_warned = False
         self._trm_loss_inputs: dict[str, Any] | None = None
         self._trm_topk = args.trm_rollout_topk
         self._trm_topk_stash = self._trm_pending_topk = None  # top-k of the last turn / of the batch being built
@@ -162,6 +179,31 @@ class TRMTrainer(GRPOTrainer):
                 extra = result[5] if engine_func else None  # the `rollout_func`'s extra keys
                 self._trm_pending_topk = topk.completion_topk(completion_ids, self._trm_topk, extra, recorded)
         return result
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)  # (N, F)
+        mode = "train" if self.model.training else "eval"
+        if mode == "train":
+            per_func, any_row = self._trm_health.add_rewards(rewards_per_func)
+        else:
+            per_func, any_row, _ = reward_nonfinite_counts(rewards_per_func)
+        nonfinite, total = int(any_row), rewards_per_func.size(0)  # every process's completions: gathered by TRL
+        self._trm_window.add_rewards(mode, nonfinite, total)
+        if nonfinite and not self._trm_reward_warned:
+            self._trm_reward_warned = True
+            counts = ", ".join(
+                f"{n}: {int(c)}" for n, c in zip(self.reward_func_names, per_func.tolist(), strict=True) if c
+            )
+            warnings.warn(
+                f"{nonfinite} of {total} completions at step {self.state.global_step} have a non-finite reward (NaN, "
+                f"inf or None; per reward function: {counts}). TRL leaves such a reward out of the sum, a completion "
+                "with no finite reward gets advantage 0, and the logged reward averages the finite ones only. Counted "
+                "in trm/reward_nonfinite_frac; warned once per run. Ignore this only if a function returns None on "
+                "purpose for completions it does not apply to.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return rewards_per_func
 
     def _generate_and_score_completions(self, inputs):
         output = super()._generate_and_score_completions(inputs)
@@ -303,6 +345,9 @@ class TRMTrainer(GRPOTrainer):
         names, local = pack_sequence_stats(sequence_statistics(result, advantages, mask))  # (B, K)
         gathered = self.accelerator.gather(local)  # (num_processes * B, K)
         self._trm_window.add_sequences(mode, names, gathered)
+        if mode == "train":
+            counted = gathered[:, names.index("length")] > 0  # (N,) sequences with tokens
+            self._trm_health.add_sequences(gathered[counted, names.index("keep")].sum(), counted.sum())
         adaptive = self._trm_adaptive
         if adaptive is not None and mode == "train":
             self._trm_window.count_step(mode, names, gathered, adaptive.delta_max, adaptive.delta_avg)
@@ -317,11 +362,69 @@ class TRMTrainer(GRPOTrainer):
         self._trm_flush_window("train" if self.model.training else "eval")
         super().log(logs, start_time)
 
+    def _get_grad_norm(self, model, grad_norm=None):
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        self._trm_health.add_grad_norm(grad_norm)
+        return grad_norm
+
+    def train(self, *args, **kwargs):
+        """TRL's `train`; then, when this run could not learn, one `RuntimeWarning` and `trm_run_problem` set to the
+        one-line reason (`trl-trm train` turns it into a `TrainingError`, exit code 1)."""
+        self._trm_health.reset()
+        self.trm_run_problem = None
+        output = super().train(*args, **kwargs)
+        self.trm_run_problem = self._trm_health.problem(self.reward_func_names, self.args.trm_mode)
+        if self.trm_run_problem is not None:
+            warnings.warn(f"This run could not learn: {self.trm_run_problem}", RuntimeWarning, stacklevel=2)
+        return output
+
     def _save_checkpoint(self, model, trial):
+        """TRL's checkpoint (plus the adaptive thresholds), staged and renamed into place whole
+        (`trl_trm.atomic_checkpoint`); a failed write is one line naming the checkpoint that is still complete."""
+        folder = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        if self.args.push_to_hub:  # TRL uploads the folder in the background: it stays where it is written
+            self._trm_save_checkpoint(model, trial, folder)
+            return
+        run_dir = self._get_output_dir(trial=trial)
+        if self.args.should_save:
+            atomic_checkpoint.clear_staged(run_dir, folder)  # left by a kill
+        self.accelerator.wait_for_everyone()  # cleared before any process writes its files into it
+        self._trm_staging = atomic_checkpoint.staging_root(run_dir)
+        try:
+            self._trm_save_checkpoint(model, trial, folder)
+        except OSError as err:
+            if self.args.should_save:
+                atomic_checkpoint.clear_staged(run_dir, folder)
+            raise atomic_checkpoint.write_error(run_dir, folder, err) from err
+        finally:
+            self._trm_staging = None
+        self.accelerator.wait_for_everyone()  # every process has written its files (RNG state, shards)
+        if self.args.should_save:
+            staged = os.path.join(atomic_checkpoint.staging_root(run_dir), folder)
+            best = self.state.best_model_checkpoint
+            if best is not None and best.startswith(atomic_checkpoint.staging_root(run_dir)):
+                self.state.best_model_checkpoint = os.path.join(run_dir, os.path.basename(best))
+                self.state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
+            atomic_checkpoint.publish(run_dir, folder)
+            # The rotation TRL ran inside the staging folder saw one checkpoint: rotate the real ones now.
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
+        self.accelerator.wait_for_everyone()
+
+    def _trm_save_checkpoint(self, model, trial, folder: str) -> None:
         super()._save_checkpoint(model, trial)
         if self._trm_adaptive is not None and self.args.should_save:
-            folder = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
             self._trm_adaptive.save(os.path.join(self._get_output_dir(trial=trial), folder))
+
+    def _get_output_dir(self, trial):
+        staging = getattr(self, "_trm_staging", None)
+        if staging is not None:  # inside `_save_checkpoint`: the checkpoint is staged
+            return staging
+        return super()._get_output_dir(trial=trial)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)

@@ -10,7 +10,8 @@ averages one-element lists, so the values pass unchanged.
 Besides the mask statistics the window keeps, per mode (`"train"` / `"eval"`): the top-k coverage counts
 (`trm/topk_missing_frac`), the Seq-TIS clips of `trm_ratio_max="auto"` (`trm/seq_tis_clip`), and, with adaptive
 thresholds, the thresholds in force (`trm/delta_max`, `trm/delta_avg`) and the current optimizer step's global accept
-counts (:meth:`MetricsWindow.step_accept_rate`).
+counts (:meth:`MetricsWindow.step_accept_rate`), and the completions with a non-finite reward
+(`trm/reward_nonfinite_frac`, logged once a run has seen one).
 """
 
 from __future__ import annotations
@@ -66,6 +67,8 @@ class MetricsWindow:
         self._clips: dict[str, list[float]] = {m: [] for m in MODES}
         self._thresholds: dict[str, dict[str, list[float]]] = {m: {} for m in MODES}
         self._step = [0.0, 0.0]  # kept, counted
+        self._rewards = {m: [0, 0] for m in MODES}  # completions with a non-finite reward, completions
+        self._reward_nonfinite_seen = {m: False for m in MODES}  # `trm/reward_nonfinite_frac` is logged from then on
 
     def add_sequences(self, mode: str, names: list[str], gathered: torch.Tensor) -> None:
         """One micro-batch's statistics, gathered from every process: (N, K) with column j holding ``names[j]``."""
@@ -92,6 +95,13 @@ class MetricsWindow:
         self._topk_counts[mode][0] += float(counts[0])
         self._topk_counts[mode][1] += float(counts[1])
 
+    def add_rewards(self, mode: str, nonfinite: int, total: int) -> None:
+        """One batch's global counts: completions with at least one non-finite reward, completions. Normal runs log
+        nothing new: `trm/reward_nonfinite_frac` appears from the first window with a non-finite reward on."""
+        self._rewards[mode][0] += nonfinite
+        self._rewards[mode][1] += total
+        self._reward_nonfinite_seen[mode] |= nonfinite > 0
+
     def add_clip(self, mode: str, clip: float) -> None:
         """One batch's Seq-TIS clip C* (`trm_ratio_max="auto"`)."""
         self._clips[mode].append(clip)
@@ -113,6 +123,9 @@ class MetricsWindow:
         clips, self._clips[mode] = self._clips[mode], []
         if clips:
             out["trm/seq_tis_clip"] = sum(clips) / len(clips)
+        (nonfinite, total), self._rewards[mode] = self._rewards[mode], [0, 0]
+        if self._reward_nonfinite_seen[mode] and total > 0:
+            out["trm/reward_nonfinite_frac"] = nonfinite / total
         thresholds, self._thresholds[mode] = self._thresholds[mode], {}
         out.update({key: _mean(values) for key, values in thresholds.items()})
         return out
