@@ -136,12 +136,14 @@ class AdaptiveThresholds:
         """Current threshold on mean_t k3(rho_t) (None when that criterion is off)."""
         return None if self.initial_delta_avg is None else self.initial_delta_avg * self.scale
 
-    def update(self, accept_rate: float) -> None:
+    def update(self, accept_rate: float | None) -> None:
         """Apply one observed accept rate (fraction of sequences kept in a batch, in [0, 1]).
 
         ``scale <- clip(scale * exp(rate * (target_accept_rate - accept_rate)), min_scale, max_scale)``.
-        A NaN accept rate (e.g. an empty batch) is ignored: neither ``scale`` nor ``num_updates`` changes.
+        A NaN or None accept rate (e.g. an empty batch) is ignored: neither ``scale`` nor ``num_updates`` changes.
         """
+        if accept_rate is None:
+            return
         value = float(accept_rate)
         if math.isnan(value):
             return

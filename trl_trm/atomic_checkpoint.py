@@ -19,7 +19,8 @@ from __future__ import annotations
 import os
 import shutil
 
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 
 from .run_health import TrainingError
 
@@ -71,3 +72,38 @@ def write_error(run_dir: str, folder: str, err: OSError) -> CheckpointWriteError
     return CheckpointWriteError(
         f"could not write {os.path.join(run_dir, folder)} ({reason}): nothing of it was kept and {still}."
     )
+
+
+def save_staged(trainer, run_dir: str, folder: str, model, trial) -> None:
+    """`TRMTrainer._save_checkpoint` without `push_to_hub`: every process writes `folder` into the staging folder
+    (`trainer._trm_staging`, which `_get_output_dir` returns meanwhile), then the saving process publishes it whole
+    and rotates the real checkpoints. A failed write removes the staged folder and raises :func:`write_error`'s line."""
+    args, wait = trainer.args, trainer.accelerator.wait_for_everyone
+    if args.should_save:
+        clear_staged(run_dir, folder)  # left by a kill
+    wait()  # cleared before any process writes its files into it
+    trainer._trm_staging = staging_root(run_dir)
+    try:
+        trainer._trm_save_checkpoint(model, trial, folder)
+    except OSError as err:
+        if args.should_save:
+            clear_staged(run_dir, folder)
+        raise write_error(run_dir, folder, err) from err
+    finally:
+        trainer._trm_staging = None
+    wait()  # every process has written its files (RNG state, shards)
+    if args.should_save:
+        state = trainer.state
+        best = state.best_model_checkpoint
+        if best is not None and best.startswith(staging_root(run_dir)):
+            state.best_model_checkpoint = os.path.join(run_dir, os.path.basename(best))
+            state.save_to_json(os.path.join(staging_root(run_dir), folder, TRAINER_STATE_NAME))
+        publish(run_dir, folder)
+        # The rotation TRL ran inside the staging folder saw one checkpoint: rotate the real ones now.
+        rotate_checkpoints(
+            output_dir=run_dir,
+            save_total_limit=args.save_total_limit,
+            best_model_checkpoint=state.best_model_checkpoint,
+            use_mtime=True,
+        )
+    wait()

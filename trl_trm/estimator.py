@@ -194,3 +194,13 @@ def seq_tis_auto_log_clip(seq_log_ratio: torch.Tensor) -> float:
     if s.numel() == 0:
         return 0.5 * math.log(2.0)
     return 0.5 * (math.log(2.0) + float(torch.logsumexp(2.0 * s, dim=0)) - math.log(s.numel()))
+
+
+def seq_tis_auto_clip(old_per_token_logps, sampling_per_token_logps, completion_mask, gather=None) -> float:
+    """`trm_ratio_max="auto"`: C* = sqrt(2 (1 + chi2_seq)) of a batch, from s_i = sum_t log pi_old/pi_roll (the product
+    ratio that Seq-TIS truncates; :func:`seq_tis_auto_log_clip`). ``gather``: a function that concatenates the (B,)
+    sums of every process (e.g. `Accelerator.gather`), so every process gets the same clip; None for one process."""
+    valid = completion_mask.bool()
+    log_w = torch.where(valid, old_per_token_logps.detach().double() - sampling_per_token_logps.detach().double(), 0.0)
+    seq = log_w.sum(dim=-1)  # (B,)
+    return math.exp(seq_tis_auto_log_clip(seq if gather is None else gather(seq)))

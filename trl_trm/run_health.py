@@ -45,6 +45,7 @@ class RunHealth:
     until :meth:`problem` reads them once, at the end."""
 
     def __init__(self) -> None:
+        self.reward_warned = False  # partly non-finite rewards: warned once per trainer
         self.reset()
 
     def reset(self) -> None:
@@ -63,6 +64,19 @@ class RunHealth:
         self.scored = _add(self.scored, scored)
         self.nonfinite_by_func = _add(self.nonfinite_by_func, per_func)
         return per_func, any_row
+
+    def observe_rewards(self, rewards_per_func, train: bool, names: list[str], step: int) -> tuple[int, str | None]:
+        """One batch's gathered (N, F) rewards (counted toward the run in training only): the number of completions
+        with a non-finite reward, and the once-per-trainer warning about them (else None)."""
+        if train:
+            per_func, any_row = self.add_rewards(rewards_per_func)
+        else:
+            per_func, any_row, _ = reward_nonfinite_counts(rewards_per_func)
+        nonfinite = int(any_row)
+        if nonfinite == 0 or self.reward_warned:
+            return nonfinite, None
+        self.reward_warned = True
+        return nonfinite, nonfinite_reward_warning(names, per_func, nonfinite, rewards_per_func.size(0), step)
 
     def add_sequences(self, kept: torch.Tensor, counted: torch.Tensor) -> None:
         """One mask evaluation's global (0-dim) counts: sequences kept, sequences with tokens."""
@@ -99,3 +113,15 @@ class RunHealth:
                 "completions (see frac_reward_zero_std); give rewards that tell the completions of a prompt apart."
             )
         return None
+
+
+def nonfinite_reward_warning(names: list[str], per_func: torch.Tensor, nonfinite: int, total: int, step: int) -> str:
+    """The one warning of a run whose rewards are partly non-finite: how many completions, per reward function."""
+    counts = ", ".join(f"{n}: {int(c)}" for n, c in zip(names, per_func.tolist(), strict=True) if c)
+    return (
+        f"{nonfinite} of {total} completions at step {step} have a non-finite reward (NaN, inf or None; per reward "
+        f"function: {counts}). TRL leaves such a reward out of the sum, a completion with no finite reward gets "
+        "advantage 0, and the logged reward averages the finite ones only. Counted in trm/reward_nonfinite_frac; "
+        "warned once per run. Ignore this only if a function returns None on purpose for completions it does not "
+        "apply to."
+    )

@@ -6,65 +6,57 @@ and gathers across processes; the class docstring lists each override and why.
 from __future__ import annotations
 
 import contextlib
-import math
-import os
 import warnings
 from typing import Any
 
 import torch
-from transformers.trainer import TRAINER_STATE_NAME
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl import GRPOTrainer
 
-from . import atomic_checkpoint, topk
+from . import topk
 from .callbacks import TRMStatsCallback
 from .config import TRMConfig
-from .distributed import shutdown_distributed
-from .hub import append_trm_section, hub_errors
 from .loss_inputs import detach_unweighted, old_logps_for, weight_loss_inputs
-from .masking import TrustRegionMaskOutput, estimator_weights, mask_and_weights, seq_tis_auto_log_clip
+from .masking import TrustRegionMaskOutput, estimator_weights, mask_and_weights, seq_tis_auto_clip
 from .processors import sampler_for_trainer
 from .rollout import RolloutLogprobChecks, record_sampling_logprobs
-from .run_health import RunHealth, reward_nonfinite_counts
+from .run_health import RunHealth
 from .setup_checks import check_trainer_setup, trm_config_for
 from .topk import BATCH_KEYS
-from .vllm_checks import check_vllm_logprobs
+from .trainer_io import TrainerIOSeams
+from .vllm_checks import check_trainer_engine
 from .window import MetricsWindow, pack_sequence_stats, sequence_statistics
 
 # The `TRMConfig.trm_<name>` fields the math reads (the adaptive controller overrides the two deltas).
 MASK_SETTINGS = "mode delta_max delta_avg geo_low geo_high ratio_min ratio_factor delta_kl nonfinite".split()
 
 
-class TRMTrainer(GRPOTrainer):
+class TRMTrainer(TrainerIOSeams, GRPOTrainer):
     """[`~trl.GRPOTrainer`] with Trust Region Masking. Same constructor as `GRPOTrainer`; `args` is a [`TRMConfig`].
 
-    Rollout log-probs come from, in order: vLLM (`use_vllm=True`), a `rollout_func` returning `logprobs`, or plain
-    transformers generation (captured by this trainer). Masking statistics are logged under `trm/` (docs/metrics.md). The
-    only changes w.r.t. [`~trl.GRPOTrainer`] are these overrides, each calling `super()`:
+    Rollout log-probs come from vLLM, a `rollout_func` returning `logprobs`, or plain transformers generation
+    (captured here). Statistics are logged under `trm/` (docs/metrics.md). The overrides, each calling `super()`
+    (the why of each, at length: docs/seams.md):
 
-    * `__init__`: refuses settings under which TRM would be silently wrong and builds the collaborators.
-    * `_generate_single_turn`: with plain transformers generation, records the processed sampling log-probs (and top-k)
-      of the sampled tokens, which TRL does not; with vLLM and `trm_rollout_topk`, takes the sampled token's log-prob
-      by id (TRL's `lp[0]` is then the most probable token's).
-    * `_generate`: checks the rollout log-probs before TRL pads them (silently) and collects the rollout top-k.
-    * `_calculate_rewards`: counts the non-finite rewards (NaN, inf, or None, which TRL turns into NaN and then leaves
-      out of the sum) in the (N, F) tensor TRL has gathered over every process: warned about once with the count,
-      logged as `trm/reward_nonfinite_frac`, and an error at the end of a run where no reward was finite.
-    * `_generate_and_score_completions`: pads the top-k into (B, T, k) `trm_topk_*` tensors (TRL shuffles and splits
-      every tensor by row, so they stay aligned); with `trm_mask_policy="generation"`, evaluates the mask once.
+    * `__init__`: refuses settings under which TRM would be silently wrong; builds the collaborators.
+    * `_generate_single_turn`: records the processed sampling log-probs (and top-k) of transformers generation, which
+      TRL does not; with vLLM and `trm_rollout_topk`, the sampled token's log-prob by id (`lp[0]` is the top-1's).
+    * `_generate`: checks the rollout log-probs before TRL pads them (silently); collects the rollout top-k.
+    * `_calculate_rewards`: counts non-finite rewards in TRL's gathered (N, F) tensor (`trm/reward_nonfinite_frac`,
+      one warning; no finite reward in a whole run is an error at its end).
+    * `_generate_and_score_completions`: pads the top-k into (B, T, k) `trm_topk_*` tensors (split and shuffled by row
+      with the batch); with `trm_mask_policy="generation"`, evaluates the mask once.
     * `_compute_loss`: hands a shallow copy of the batch (reused across `num_iterations`) to the forward below.
-    * `_get_per_token_logps_and_entropies`, during `_compute_loss` only: the one point inside TRL's loss where π_θ's
-      log-probs exist and the advantages have not been read yet (TRL has no per-token loss-weight hook). It captures
-      π_θ at the top-k ids from the same forward, evaluates the mask and scales the advantages by the (B, T) weights,
-      which multiplies the per-token policy loss by them (why, and the KL and entropy terms: `trl_trm.loss_inputs`).
+    * `_get_per_token_logps_and_entropies`, during `_compute_loss` only: the one point in TRL's loss where π_θ's
+      log-probs exist before the advantages are read (TRL has no per-token loss-weight hook): captures π_θ at the
+      top-k ids, evaluates the mask, and scales the advantages by the (B, T) weights (`trl_trm.loss_inputs`).
     * `log`: reduces the `trm/` window once, before TRL averages its `_metrics` lists.
-    * `_get_grad_norm`: records whether each optimizer step's gradient was non-zero (every setup computes it here).
-    * `train`: TRL's training, then one warning (and `trm_run_problem`, the one-line reason; `trl-trm train` exits 1
-      on it) when the run could not learn: no finite reward, every sequence rejected, or a zero gradient at every step
-      (`trl_trm.run_health`).
-    * `_save_checkpoint`, `_load_optimizer_and_scheduler`: save and restore the adaptive thresholds. A checkpoint is
-      written whole or not at all: staged in `OUTPUT_DIR/.trm-staging/` and renamed into place once every process has
-      written (`trl_trm.atomic_checkpoint`); a failed write (full disk) is one line naming the last complete one.
+    * `_get_grad_norm`: records whether each optimizer step's gradient was non-zero.
+    * `train`: then one warning and `trm_run_problem` (`trl-trm train` exits 1 on it) when the run could not learn
+      (no finite reward, every sequence rejected, or zero gradient at every step: `trl_trm.run_health`).
+    The I/O seams come from the mixin :class:`~trl_trm.trainer_io.TrainerIOSeams`:
+
+    * `_save_checkpoint`, `_load_optimizer_and_scheduler`: the adaptive thresholds too; a checkpoint is staged and
+      renamed into place whole (`trl_trm.atomic_checkpoint`), a failed write is one line naming the last whole one.
     * `_get_output_dir`: the staging folder while `_save_checkpoint` writes, TRL's folder otherwise.
     * `create_model_card`, `init_hf_repo`, `push_to_hub`: a TRM section in the card; one line if the Hub is unreachable.
     * `end`: flushes pending collectives before the process group is torn down (`trl_trm.distributed`).
@@ -91,22 +83,10 @@ class TRMTrainer(GRPOTrainer):
         rollout_func=None,
         environment_factory=None,
     ):  # GRPOTrainer's signature, defaults included (tests/test_cli_errors.py pins it)
-        super().__init__(
-            model,
-            reward_funcs,
-            trm_config_for(model, args),
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            reward_processing_classes=reward_processing_classes,
-            callbacks=callbacks,
-            optimizers=optimizers,
-            quantization_config=quantization_config,
-            peft_config=peft_config,
-            tools=tools,
-            rollout_func=rollout_func,
-            environment_factory=environment_factory,
-        )
+        forwarded = {
+            k: v for k, v in locals().items() if k not in ("self", "model", "reward_funcs", "args", "__class__")
+        }
+        super().__init__(model, reward_funcs, trm_config_for(model, args), **forwarded)
         self._trm_setup()
 
     def _trm_setup(self) -> None:
@@ -119,27 +99,17 @@ class TRMTrainer(GRPOTrainer):
         self._trm_staging: str | None = None  # `_get_output_dir` while a checkpoint is staged
         self._trm_health = RunHealth()  # could this `train()` learn anything? (checked when it returns)
         self.trm_run_problem: str | None = None  # why the last `train()` could not learn (None: it could)
-        self._trm_reward_warned = False
         self._trm_loss_inputs: dict[str, Any] | None = None
         self._trm_topk = args.trm_rollout_topk
         self._trm_topk_stash = self._trm_pending_topk = None  # top-k of the last turn / of the batch being built
         if self._trm_topk > 0:
             self._trm_topk_setup()
-        self._trm_check_vllm()  # vLLM must report processed log-probs, and enough of them (docs/vllm.md)
+        check_trainer_engine(self)  # vLLM must report processed log-probs, and enough of them (docs/vllm.md)
         self._trm_processors = sampler_for_trainer(self)  # sampler processors to reproduce on π_θ (docs/samplers.md)
         self._trm_adaptive = args.make_adaptive_thresholds() if args.trm_target_accept_rate is not None else None
         # trm_stats.jsonl and its plot; removable with remove_callback(TRMStatsCallback).
         callback = TRMStatsCallback(args.trm_accept_rate_floor, args.trm_accept_rate_patience, plot=args.trm_plot)
         self.add_callback(callback)
-
-    def _trm_check_vllm(self) -> None:
-        """With `use_vllm=True` and no `rollout_func`: vLLM must report the rollout log-probs TRM needs
-        (:func:`~trl_trm.vllm_checks.check_vllm_logprobs`: an error, or a warning with `trm_mode="none"`)."""
-        if self.use_vllm and self.rollout_func is None:
-            from accelerate.utils import broadcast_object_list
-
-            main = self.accelerator.is_main_process
-            check_vllm_logprobs(self.args, self.vllm_generation, self.vllm_mode, main, broadcast_object_list, 4)
 
     def _trm_topk_setup(self) -> None:
         """Checks and vLLM set-up for `trm_rollout_topk = k > 0`."""
@@ -182,27 +152,12 @@ class TRMTrainer(GRPOTrainer):
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)  # (N, F)
-        mode = "train" if self.model.training else "eval"
-        if mode == "train":
-            per_func, any_row = self._trm_health.add_rewards(rewards_per_func)
-        else:
-            per_func, any_row, _ = reward_nonfinite_counts(rewards_per_func)
-        nonfinite, total = int(any_row), rewards_per_func.size(0)  # every process's completions: gathered by TRL
-        self._trm_window.add_rewards(mode, nonfinite, total)
-        if nonfinite and not self._trm_reward_warned:
-            self._trm_reward_warned = True
-            counts = ", ".join(
-                f"{n}: {int(c)}" for n, c in zip(self.reward_func_names, per_func.tolist(), strict=True) if c
-            )
-            warnings.warn(
-                f"{nonfinite} of {total} completions at step {self.state.global_step} have a non-finite reward (NaN, "
-                f"inf or None; per reward function: {counts}). TRL leaves such a reward out of the sum, a completion "
-                "with no finite reward gets advantage 0, and the logged reward averages the finite ones only. Counted "
-                "in trm/reward_nonfinite_frac; warned once per run. Ignore this only if a function returns None on "
-                "purpose for completions it does not apply to.",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+        mode = "train" if self.model.training else "eval"  # N: every process's completions (TRL gathers them)
+        health, names, step = self._trm_health, self.reward_func_names, self.state.global_step
+        nonfinite, warning = health.observe_rewards(rewards_per_func, mode == "train", names, step)
+        self._trm_window.add_rewards(mode, nonfinite, rewards_per_func.size(0))
+        if warning is not None:
+            warnings.warn(warning, RuntimeWarning, stacklevel=2)
         return rewards_per_func
 
     def _generate_and_score_completions(self, inputs):
@@ -285,9 +240,7 @@ class TRMTrainer(GRPOTrainer):
         else:
             _, weights = self._trm_evaluate(mask_logps, old_logps_for(inputs, mask_logps), inputs, theta_topk)
         if self._trm_adaptive is not None and self.model.training and self.accelerator.sync_gradients:
-            rate = self._trm_window.step_accept_rate()  # of the step this micro-batch ends (global: gathered counts)
-            if rate is not None:
-                self._trm_adaptive.update(rate)  # the new thresholds apply from the next step on
+            self._trm_adaptive.update(self._trm_window.step_accept_rate())  # the step's global rate; applies next step
         if self.args.trm_mode == "none":
             return None
         weight_loss_inputs(inputs, weights, per_token_logps, self.beta)  # scales the per-token loss by the weights
@@ -332,10 +285,8 @@ class TRMTrainer(GRPOTrainer):
         return estimator_weights(result, old_logps, sampling, mask, ratio_max=ratio_max, **settings)
 
     def _trm_auto_clip(self, old_logps, sampling, mask) -> float:
-        """`trm_ratio_max="auto"`: C* = sqrt(2 (1 + χ²_seq)) of this batch (s_i = Σ_t log π_old/π_roll, the product
-        ratio that Seq-TIS truncates), the same on every process; logged as `trm/seq_tis_clip`."""
-        log_w = torch.where(mask.bool(), old_logps.detach().double() - sampling.detach().double(), 0.0)  # (B, T)
-        clip = math.exp(seq_tis_auto_log_clip(self.accelerator.gather(log_w.sum(dim=-1))))  # over every process
+        """`trm_ratio_max="auto"`: this batch's Seq-TIS C* over every process; logged as `trm/seq_tis_clip`."""
+        clip = seq_tis_auto_clip(old_logps, sampling, mask, gather=self.accelerator.gather)
         self._trm_window.add_clip("train" if self.model.training else "eval", clip)
         return clip
 
@@ -377,77 +328,3 @@ class TRMTrainer(GRPOTrainer):
         if self.trm_run_problem is not None:
             warnings.warn(f"This run could not learn: {self.trm_run_problem}", RuntimeWarning, stacklevel=2)
         return output
-
-    def _save_checkpoint(self, model, trial):
-        """TRL's checkpoint (plus the adaptive thresholds), staged and renamed into place whole
-        (`trl_trm.atomic_checkpoint`); a failed write is one line naming the checkpoint that is still complete."""
-        folder = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        if self.args.push_to_hub:  # TRL uploads the folder in the background: it stays where it is written
-            self._trm_save_checkpoint(model, trial, folder)
-            return
-        run_dir = self._get_output_dir(trial=trial)
-        if self.args.should_save:
-            atomic_checkpoint.clear_staged(run_dir, folder)  # left by a kill
-        self.accelerator.wait_for_everyone()  # cleared before any process writes its files into it
-        self._trm_staging = atomic_checkpoint.staging_root(run_dir)
-        try:
-            self._trm_save_checkpoint(model, trial, folder)
-        except OSError as err:
-            if self.args.should_save:
-                atomic_checkpoint.clear_staged(run_dir, folder)
-            raise atomic_checkpoint.write_error(run_dir, folder, err) from err
-        finally:
-            self._trm_staging = None
-        self.accelerator.wait_for_everyone()  # every process has written its files (RNG state, shards)
-        if self.args.should_save:
-            staged = os.path.join(atomic_checkpoint.staging_root(run_dir), folder)
-            best = self.state.best_model_checkpoint
-            if best is not None and best.startswith(atomic_checkpoint.staging_root(run_dir)):
-                self.state.best_model_checkpoint = os.path.join(run_dir, os.path.basename(best))
-                self.state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
-            atomic_checkpoint.publish(run_dir, folder)
-            # The rotation TRL ran inside the staging folder saw one checkpoint: rotate the real ones now.
-            rotate_checkpoints(
-                output_dir=run_dir,
-                save_total_limit=self.args.save_total_limit,
-                best_model_checkpoint=self.state.best_model_checkpoint,
-                use_mtime=True,
-            )
-        self.accelerator.wait_for_everyone()
-
-    def _trm_save_checkpoint(self, model, trial, folder: str) -> None:
-        super()._save_checkpoint(model, trial)
-        if self._trm_adaptive is not None and self.args.should_save:
-            self._trm_adaptive.save(os.path.join(self._get_output_dir(trial=trial), folder))
-
-    def _get_output_dir(self, trial):
-        staging = getattr(self, "_trm_staging", None)
-        if staging is not None:  # inside `_save_checkpoint`: the checkpoint is staged
-            return staging
-        return super()._get_output_dir(trial=trial)
-
-    def _load_optimizer_and_scheduler(self, checkpoint):
-        super()._load_optimizer_and_scheduler(checkpoint)
-        if self._trm_adaptive is not None and checkpoint is not None:
-            self._trm_adaptive.load(checkpoint)
-
-    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
-        """TRL's card plus a TRM section: settings, final accept-rate figures, citation (`trl_trm.hub`)."""
-        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
-        if self.is_world_process_zero():
-            append_trm_section(os.path.join(self.args.output_dir, "README.md"), self.args, self.state.log_history)
-
-    def init_hf_repo(self, token=None, private=None):
-        # Called from `Trainer.__init__` when push_to_hub=True: an unreachable Hub gets a clear error here.
-        with hub_errors("create the repository", self.args.hub_model_id):
-            return super().init_hf_repo(token=token, private=private)
-
-    def push_to_hub(self, *args, **kwargs):
-        with hub_errors("push to", self.hub_model_id or self.args.hub_model_id):
-            return super().push_to_hub(*args, **kwargs)
-
-    def end(self):
-        """`Trainer.end` (finish trackers, destroy the process group), after flushing pending collectives: tearing
-        down gloo while its worker thread still frees a gathered tensor deadlocks (see `trl_trm.distributed`)."""
-        shutdown_distributed()
-        super().end()

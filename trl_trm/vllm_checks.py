@@ -114,3 +114,14 @@ def check_vllm_logprobs(
         warnings.warn(message + "\nThe trm/ diagnostics would be wrong.", stacklevel=stacklevel + 1)
     else:
         raise ValueError(message)
+
+
+def check_trainer_engine(trainer) -> None:
+    """A `TRMTrainer`'s start-up check: with `use_vllm=True` and no `rollout_func`, vLLM must report the rollout
+    log-probs TRM needs (:func:`check_vllm_logprobs`; the main process reads the engine and broadcasts what it found,
+    so every process stops alike)."""
+    if trainer.use_vllm and trainer.rollout_func is None:
+        from accelerate.utils import broadcast_object_list
+
+        main = trainer.accelerator.is_main_process
+        check_vllm_logprobs(trainer.args, trainer.vllm_generation, trainer.vllm_mode, main, broadcast_object_list, 4)
