@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from trainer_kwargs import MISSING_MODEL, write_recipe
+from trainer_kwargs import MISSING_MODEL, one_error_line, write_recipe
 
 from trl_trm.cli import main
 
@@ -23,11 +23,7 @@ def _recipe(tmp_path: Path, text: str | None = None, **overrides) -> Path:
 
 
 def _error(capsys) -> str:
-    err = capsys.readouterr().err
-    assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if "error:" in line]
-    assert len(lines) == 1, err
-    return lines[0]
+    return one_error_line(capsys)
 
 
 class RecordingTrainer:

@@ -4,23 +4,18 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from trainer_kwargs import assert_same_step
+from trainer_kwargs import assert_same_step, torchrun
 
 SCRIPT = Path(__file__).parent / "scripts" / "dist_step.py"
 
 
 def _run(nproc: int, model_dir: str, out: Path) -> dict:
     env = {**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1", "OMP_NUM_THREADS": "1"}
-    with socket.socket() as sock:  # a free port: torchrun's `--master_port 0` hangs with a single node here
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port)]
+    cmd = torchrun(nproc)
     cmd += [str(SCRIPT), model_dir, str(out), "8"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -44,11 +39,8 @@ def test_two_processes_match_one_process(tiny_model_dir, tmp_path):
 def test_cli_train_on_two_processes_exits_cleanly(tmp_path):
     """`torchrun --nproc_per_node 2 -m trl_trm.cli train`: both ranks exit 0, only the main process writes."""
     env = {**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1", "OMP_NUM_THREADS": "1"}
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+    cmd = torchrun(2)
     cmd += ["-m", "trl_trm.cli", "train", "--config", str(Path(__file__).parent.parent / "recipes" / "demo.yaml")]
     cmd += ["--output_dir", str(out), "--max_steps", "2", "--logging_steps", "1", "--per_device_train_batch_size", "8"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from trainer_kwargs import MISSING_MODEL, write_recipe
+from trainer_kwargs import MISSING_MODEL, one_error_line, torchrun, write_recipe
 
 from trl_trm.cli import main
 
@@ -24,11 +24,7 @@ def _recipe(tmp_path: Path, **overrides) -> Path:
 
 
 def _error(capsys) -> str:
-    err = capsys.readouterr().err
-    assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if "error:" in line]
-    assert len(lines) == 1, err
-    return lines[0]
+    return one_error_line(capsys)
 
 
 def _dead_pid() -> int:
@@ -98,10 +94,7 @@ def test_every_rank_stops_when_the_lock_is_refused(tmp_path):
     """torchrun, 2 processes: the main process finds the live lock, and both ranks exit 2 before training."""
     _write_lock(tmp_path / "out", os.getppid())
     env = {**os.environ, "TRL_TRM_LAUNCHED": "", "OMP_NUM_THREADS": "1", "TRL_EXPERIMENTAL_SILENCE": "1"}
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+    cmd = torchrun(2)
     cmd += ["--tee", "3", "-m", "trl_trm.cli", "train", "--config", str(_recipe(tmp_path))]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode != 0
@@ -353,11 +346,8 @@ def test_a_stopped_rank_fails_the_run_within_ddp_timeout(tmp_path):
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRL_EXPERIMENTAL_SILENCE": "1"}
     env.pop("TRL_TRM_LAUNCHED", None)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+    cmd = torchrun(2)
     cmd += ["-m", "trl_trm.cli", "train", "--config", str(Path(__file__).parent.parent / "recipes" / "demo.yaml")]
     cmd += ["--output_dir", str(out), "--max_steps", "100000", "--logging_steps", "1", "--ddp_timeout", "20"]
     cmd += ["--per_device_train_batch_size", "8"]

@@ -87,3 +87,24 @@ def assert_same_step(one_log, two_log):
     assert math.isclose(one_log["grad_norm"], two_log["grad_norm"], rel_tol=1e-4)
     assert math.isclose(one_log["loss"], two_log["loss"], rel_tol=1e-4, abs_tol=1e-7)
     return keys
+
+
+def one_error_line(capsys) -> str:
+    """The one `error:` line a failed `trl-trm` command printed on stderr (no traceback, exactly one such line)."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def torchrun(nproc: int = 2) -> list[str]:
+    """The start of a `torchrun --nproc_per_node N` command on a free local port (torchrun's `--master_port 0` hangs
+    with a single node here)."""
+    import socket
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port)]
