@@ -184,6 +184,8 @@ TRM_RESUME_FIELDS = (
     "trm_ratio_min",
     "trm_ratio_max",
     "trm_target_accept_rate",
+    "trm_calibrate_accept",
+    "trm_calibrate_batches",
 )
 SEGMENTS_FILE = "trm_segments.json"  # the TRM settings of each segment of a resumed run whose settings changed
 

@@ -4,6 +4,8 @@
     trl-trm demo [--output_dir DIR] [--any_field value ...]        offline demo (packaged recipes/demo.yaml)
     trl-trm plot OUTPUT_DIR [--output PNG]                          redraw a run's plot from its logs
     trl-trm bounds --length 4096 --kl-tok-max 1e-4 [--kl-seq 0.01]  error-bound table
+    trl-trm calibrate --config recipes/X.yaml [--batches 4] [--target_accept 0.9,0.95,0.99] [--json F] [--write F]
+                                                                   the recipe's mismatch and thresholds (no training)
 
 Arguments and recipes are parsed by TRL's `TrlParser` from dataclasses (no hand-written YAML or flag parsing).
 Bad input (a YAML error or duplicate key, unknown recipe keys, bad values, missing reward functions, trackers or
@@ -107,12 +109,19 @@ def _bounds(rest: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": _train, "demo": _demo, "plot": _plot, "bounds": _bounds}
+def _calibrate(rest: list[str]) -> int:
+    from .calibrate_cli import run_calibrate
+
+    return run_calibrate(rest)
+
+
+COMMANDS = {"train": _train, "demo": _demo, "plot": _plot, "bounds": _bounds, "calibrate": _calibrate}
 HELP = {
     "train": "train TRMTrainer from a YAML recipe and/or flags, like `trl grpo` (`trl-trm train --help`)",
     "demo": "offline demo: a tiny local model learns string reversal with TRM on CPU",
     "plot": "redraw a run's trm_stats.png from its trm_stats.jsonl / trainer_state.json",
     "bounds": "print the TRM error-bound table for a sequence length and KL",
+    "calibrate": "measure a recipe's rollout/training mismatch and the thresholds for a target accept rate",
 }
 
 

@@ -95,6 +95,15 @@ class TRMConfig(GRPOConfig):
             `trm_delta_max` and `trm_delta_avg` after every optimizer step toward this global accept rate (`trm` mode
             only): scale ← clip(scale · exp(rate · (target − accept)), min_scale, max_scale). The thresholds in use
             are logged as `trm/delta_max` and `trm/delta_avg`, and the controller state is saved in checkpoints.
+        trm_calibrate_accept (`float` or `None`, defaults to `None`):
+            Calibrated thresholds (off by default). When set, before the first optimiser step the trainer samples the
+            first generation batch's prompts `trm_calibrate_batches` times, measures the mismatch, and sets the
+            thresholds of `trm_mode` (`trm`, `trm_exact`, `geo_mask`, `seq_mis`) so that they accept this fraction
+            of those sequences (docs/calibrate.md); they stay fixed for the run (logged as `trm/calibrated/*`,
+            saved in checkpoints, recorded in the model card) and seed the adaptive controller when
+            `trm_target_accept_rate` is set. A target that no threshold reaches stops the run with one line.
+        trm_calibrate_batches (`int`, defaults to `1`):
+            The number of generation batches sampled for `trm_calibrate_accept` (extra generations, once per run).
         trm_adapt_rate (`float`, defaults to `0.1`):
             Controller gain: log-scale step per unit of accept-rate error.
         trm_adapt_min_scale (`float`, defaults to `0.1`):
@@ -199,6 +208,16 @@ class TRMConfig(GRPOConfig):
         metadata={
             "help": "Adaptive thresholds: target global accept rate in (0, 1]. None (default) = fixed thresholds."
         },
+    )
+    trm_calibrate_accept: float | None = field(
+        default=None,
+        metadata={
+            "help": "Calibrated thresholds: before the first optimiser step, set trm_mode's thresholds so that they "
+            "accept this fraction of trm_calibrate_batches sampled batches, in (0, 1]. None (default) = as configured."
+        },
+    )
+    trm_calibrate_batches: int = field(
+        default=1, metadata={"help": "Generation batches sampled for trm_calibrate_accept (once per run)."}
     )
     trm_adapt_rate: float = field(
         default=0.1, metadata={"help": "Adaptive thresholds: log-scale step per unit of accept-rate error."}
@@ -336,6 +355,7 @@ class TRMConfig(GRPOConfig):
                     f"uses; got `trm_mode={self.trm_mode!r}`. Unset `trm_target_accept_rate` or use `trm_mode='trm'`."
                 )
             self.make_adaptive_thresholds()  # validates the controller settings now, not at the first step
+        self.make_startup_calibration()  # validates `trm_calibrate_*` now
 
     def _trm_ignored_settings(self) -> list[str]:
         """``"field=value (used by ...)"`` for every `trm_*` field set to a non-default value that nothing reads under
@@ -349,6 +369,8 @@ class TRMConfig(GRPOConfig):
         if self.trm_target_accept_rate is None:
             reason = "used only with trm_target_accept_rate set"
             ignored += [(name, reason) for name in ("trm_adapt_rate", "trm_adapt_min_scale", "trm_adapt_max_scale")]
+        if self.trm_calibrate_accept is None:
+            ignored.append(("trm_calibrate_batches", "used only with trm_calibrate_accept set"))
         if self.trm_accept_rate_floor is None:
             ignored.append(("trm_accept_rate_patience", "used only with trm_accept_rate_floor set"))
         return [
@@ -367,6 +389,26 @@ class TRMConfig(GRPOConfig):
                 UserWarning,
                 stacklevel=4,  # the caller of TRMConfig(...)
             )
+
+    def make_startup_calibration(self):
+        """The calibration configured by `trm_calibrate_accept` / `trm_calibrate_batches` (None when off)."""
+        from .calibration import CALIBRATED_MODES
+
+        if self.trm_calibrate_accept is None:
+            return None
+        target, batches = self.trm_calibrate_accept, self.trm_calibrate_batches
+        if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0.0 < target <= 1.0:
+            raise ValueError(f"`trm_calibrate_accept` must lie in (0, 1] (or be None: off), got {target!r}.")
+        if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
+            raise ValueError(f"`trm_calibrate_batches` must be an integer >= 1, got {batches!r}.")
+        if self.trm_mode not in CALIBRATED_MODES:
+            raise ValueError(
+                f"`trm_calibrate_accept` sets the thresholds of {list(CALIBRATED_MODES)}; `trm_mode="
+                f"{self.trm_mode!r}` has none to set. Unset `trm_calibrate_accept` or choose one of those modes."
+            )
+        from .calibrate import StartupCalibration
+
+        return StartupCalibration(float(target), batches, self.trm_mode)
 
     def make_adaptive_thresholds(self):
         """The threshold controller configured by the `trm_target_accept_rate` / `trm_adapt_*` fields."""

@@ -72,8 +72,9 @@ def final_accept_figures(log_history: list[dict[str, Any]]) -> dict[str, float]:
     return figures
 
 
-def trm_card_section(config, log_history: list[dict[str, Any]]) -> str:
-    """Markdown appended to the model card: settings, final accept-rate figures, citation."""
+def trm_card_section(config, log_history: list[dict[str, Any]], calibration: dict[str, Any] | None = None) -> str:
+    """Markdown appended to the model card: settings (and the thresholds `trm_calibrate_accept` chose), final
+    accept-rate figures, citation."""
     settings = {name: getattr(config, name) for name in sorted(vars(config)) if name.startswith("trm_")}
     settings["loss_type"] = config.loss_type
     settings["vllm_importance_sampling_correction"] = config.vllm_importance_sampling_correction
@@ -91,6 +92,7 @@ def trm_card_section(config, log_history: list[dict[str, Any]]) -> str:
         *[f"| `{k}` | {_fmt(v)} |" for k, v in settings.items()],
         "",
     ]
+    lines += _calibration_lines(calibration)
     lines += _segments_lines(getattr(config, "output_dir", None))
     figures = final_accept_figures(log_history)
     lines += ["### Final masking statistics", ""]
@@ -105,6 +107,24 @@ def trm_card_section(config, log_history: list[dict[str, Any]]) -> str:
         ]
     lines += ["### Cite Trust Region Masking", "", "```bibtex", TRM_CITATION, "```", ""]
     return "\n".join(lines)
+
+
+def _calibration_lines(calibration: dict[str, Any] | None) -> list[str]:
+    """The thresholds `trm_calibrate_accept` set before the first step (they replace the configured ones above)."""
+    if not calibration or calibration.get("thresholds") is None:
+        return []
+    lines = [
+        "### Calibrated thresholds",
+        "",
+        f"Set before the first optimiser step from {calibration['batches']} sampled batch(es), for a target accept "
+        f"rate of {_fmt(calibration['target'])} (`trm_mode={calibration['mode']!r}`; accepted on those batches: "
+        f"{_fmt(calibration.get('accept'))}). They replace the configured values above for the whole run.",
+        "",
+        "| threshold | value |",
+        "|---|---|",
+    ]
+    lines += [f"| `trm_{k}` | {v!r} |" for k, v in calibration["thresholds"].items()]
+    return [*lines, ""]
 
 
 def _segments_lines(output_dir: str | None) -> list[str]:
@@ -130,7 +150,9 @@ def _segments_lines(output_dir: str | None) -> list[str]:
     return [*lines, ""]
 
 
-def append_trm_section(readme_path: str, config, log_history: list[dict[str, Any]]) -> None:
+def append_trm_section(
+    readme_path: str, config, log_history: list[dict[str, Any]], calibration: dict[str, Any] | None = None
+) -> None:
     """Append (or replace) the TRM section of a model card written by TRL."""
     text = ""
     if os.path.exists(readme_path):
@@ -138,7 +160,7 @@ def append_trm_section(readme_path: str, config, log_history: list[dict[str, Any
             text = f.read()
     if CARD_MARKER in text:
         text = text[: text.index(CARD_MARKER)].rstrip() + "\n"
-    text = text.rstrip() + "\n\n" + trm_card_section(config, log_history)
+    text = text.rstrip() + "\n\n" + trm_card_section(config, log_history, calibration)
     with open(readme_path, "w", encoding="utf-8") as f:
         f.write(text)
 

@@ -67,9 +67,13 @@ class RolloutLogprobChecks:
     error with a TRM mode (the mask needs them), one warning per trainer with `trm_mode="none"` (no `trm/` metrics)."""
 
     warned = False  # set on the instance by its first warning
+    purpose: str | None = None  # set while something other than the mode needs the log-probs (calibration)
+
+    def _needer(self, trm_mode: str) -> str:
+        return self.purpose or f"`trm_mode={trm_mode!r}`"
 
     def _missing(self, trm_mode: str, error: str, warning: str) -> None:
-        if trm_mode != "none":
+        if trm_mode != "none" or self.purpose is not None:
             raise ValueError(error)
         if not self.warned:
             warnings.warn(warning, stacklevel=4)  # the caller of the trainer method that called us
@@ -84,7 +88,7 @@ class RolloutLogprobChecks:
         if problem is None:
             recorded_logprobs = recorder.logprobs.cpu()  # (B, T_gen) float32
             return [recorded_logprobs[i, : len(ids)].tolist() for i, ids in enumerate(completion_ids)]
-        error = f"`trm_mode={trm_mode!r}` needs the rollout log-probs: {problem}"
+        error = f"{self._needer(trm_mode)} needs the rollout log-probs: {problem}"
         self._missing(trm_mode, error, f"{problem} The trm/ diagnostics are skipped (trm_mode='none').")
         return None
 
@@ -94,9 +98,9 @@ class RolloutLogprobChecks:
         if logprobs is None:
             source = "`rollout_func`" if rollout_func else "the generation backend"
             error = (
-                f"`trm_mode={trm_mode!r}` needs the rollout engine's per-token log-probs, but {source} returned "
+                f"{self._needer(trm_mode)} needs the rollout engine's per-token log-probs, but {source} returned "
                 "`logprobs=None`. Return one log-prob per completion token (vLLM: `SamplingParams(logprobs=0)` gives "
-                "the sampled token's), or set `trm_mode='none'`."
+                "the sampled token's)" + (", or set `trm_mode='none'`." if self.purpose is None else ".")
             )
             warning = "No rollout log-probs are available (trm_mode='none'): the trm/ diagnostics are not logged."
             return self._missing(trm_mode, error, warning)

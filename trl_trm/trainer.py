@@ -43,7 +43,8 @@ class TRMTrainer(TrainerIOSeams, GRPOTrainer):
     * `_generate`: checks the rollout log-probs before TRL pads them (silently); collects the rollout top-k.
     * `_calculate_rewards`: counts non-finite rewards in TRL's gathered (N, F) tensor (`trm/reward_nonfinite_frac`,
       one warning; no finite reward in a whole run is an error at its end).
-    * `_generate_and_score_completions`: pads the top-k into (B, T, k) `trm_topk_*` tensors (split and shuffled by row
+    * `_generate_and_score_completions`: with `trm_calibrate_accept`, first sets the thresholds from the first batch's
+      prompts (`trl_trm.calibrate`, before any optimiser step); pads the top-k into (B, T, k) `trm_topk_*` tensors (split and shuffled by row
       with the batch); with `trm_mask_policy="generation"`, evaluates the mask once.
     * `_compute_loss`: hands a shallow copy of the batch (reused across `num_iterations`) to the forward below.
     * `_get_per_token_logps_and_entropies`, during `_compute_loss` only: the one point in TRL's loss where π_θ's
@@ -107,6 +108,7 @@ class TRMTrainer(TrainerIOSeams, GRPOTrainer):
         check_trainer_engine(self)  # vLLM must report processed log-probs, and enough of them (docs/vllm.md)
         self._trm_processors = sampler_for_trainer(self)  # sampler processors to reproduce on π_θ (docs/samplers.md)
         self._trm_adaptive = args.make_adaptive_thresholds() if args.trm_target_accept_rate is not None else None
+        self._trm_calibration = args.make_startup_calibration()  # None unless `trm_calibrate_accept` is set
         # trm_stats.jsonl and its plot; removable with remove_callback(TRMStatsCallback).
         callback = TRMStatsCallback(args.trm_accept_rate_floor, args.trm_accept_rate_patience, plot=args.trm_plot)
         self.add_callback(callback)
@@ -161,6 +163,8 @@ class TRMTrainer(TrainerIOSeams, GRPOTrainer):
         return rewards_per_func
 
     def _generate_and_score_completions(self, inputs):
+        if self._trm_calibration is not None and self._trm_calibration.pending:  # before the first optimiser step
+            self._trm_calibrate(inputs)
         output = super()._generate_and_score_completions(inputs)
         pending, self._trm_pending_topk = self._trm_pending_topk, None
         if pending is not None:  # (B, T, k) tensors, right-padded like completion_ids; TRL splits/shuffles by row
@@ -173,14 +177,33 @@ class TRMTrainer(TrainerIOSeams, GRPOTrainer):
             return output
         processors = self._trm_processors
         if self.args.trm_mask_policy == "generation":
-            logps, theta_topk = output.get("old_per_token_logps"), None
-            if logps is None or BATCH_KEYS[1] in output or processors is not None:  # needs this forward's capture
-                logps, theta_topk = self._trm_generation_logps(output)
+            logps, theta_topk = self._trm_policy_logps(output)
             _, output["trm_weights"] = self._trm_evaluate(logps, logps, output, theta_topk)
         elif processors is not None and output.get("old_per_token_logps") is not None:
             # π_old of the ρ factor under the sampler's processors, like π_roll (TRL's old log-probs have none).
             output["trm_old_logps"] = self._trm_generation_logps(output)[0]
         return output
+
+    def _trm_policy_logps(self, output: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, T) log π_old of a generated batch as the mask reads it, and (B, T, k + 1) log π_θ at its top-k ids (or
+        None): TRL's old log-probs when they exist and nothing more is needed, else one forward of our own."""
+        logps = output.get("old_per_token_logps")
+        if (
+            logps is None or BATCH_KEYS[1] in output or self._trm_processors is not None
+        ):  # needs this forward's capture
+            return self._trm_generation_logps(output)
+        return logps, None
+
+    def _trm_calibrate(self, inputs) -> None:
+        """`trm_calibrate_accept`: sample the first generation batch's prompts `trm_calibrate_batches` times, set the
+        mode's thresholds from them (`trl_trm.calibrate`), seed the adaptive controller, log them with the first step."""
+        thresholds = self._trm_calibration.run(self, inputs)
+        if self._trm_adaptive is not None:
+            self._trm_adaptive.initial_delta_max = thresholds["delta_max"]
+            self._trm_adaptive.initial_delta_avg = thresholds["delta_avg"]
+        for key, value in thresholds.items():
+            self._metrics["train"][f"trm/calibrated/{key}"] = [float("nan") if value is None else value]
+        self._metrics["train"]["trm/calibrated/accept_rate"] = [self._trm_calibration.accept]
 
     @torch.no_grad()
     def _trm_generation_logps(self, output: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -269,6 +292,8 @@ class TRMTrainer(TrainerIOSeams, GRPOTrainer):
         ``theta_topk`` (B, T, k + 1), log π_θ at the top-k ids and the sampled token, gives the per-token KL and χ²."""
         args, adaptive = self.args, self._trm_adaptive
         settings = {name: getattr(args, f"trm_{name}") for name in MASK_SETTINGS}
+        if self._trm_calibration is not None and self._trm_calibration.thresholds is not None:
+            settings.update(self._trm_calibration.thresholds)  # `trm_calibrate_accept`: set before the first step
         if adaptive is not None:
             settings.update(delta_max=adaptive.delta_max, delta_avg=adaptive.delta_avg)
         kl_tok, chi2_tok = topk.topk_kl_terms(inputs, theta_topk, args.trm_mode)  # (B, T) each, or None

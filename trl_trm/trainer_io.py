@@ -1,7 +1,7 @@
-"""The trainer's seams at the I/O edge: checkpoints (written whole, with the adaptive thresholds), the model card and
+"""The trainer's seams at the I/O edge: checkpoints (written whole, with the adaptive and calibrated thresholds), the model card and
 the Hub, and the end of a run. A mixin of :class:`~trl_trm.trainer.TRMTrainer` (whose class docstring lists these
 overrides with the others), kept apart so that `trainer.py` holds the RL seams only. It expects the trainer's
-`_trm_adaptive` and `_trm_staging` attributes (set in `TRMTrainer._trm_setup`).
+`_trm_adaptive`, `_trm_calibration` and `_trm_staging` attributes (set in `TRMTrainer._trm_setup`).
 """
 
 from __future__ import annotations
@@ -29,8 +29,11 @@ class TrainerIOSeams:
 
     def _trm_save_checkpoint(self, model, trial, folder: str) -> None:
         super()._save_checkpoint(model, trial)
+        directory = os.path.join(self._get_output_dir(trial=trial), folder)
         if self._trm_adaptive is not None and self.args.should_save:
-            self._trm_adaptive.save(os.path.join(self._get_output_dir(trial=trial), folder))
+            self._trm_adaptive.save(directory)
+        if self._trm_calibration is not None and self.args.should_save:
+            self._trm_calibration.save(directory)
 
     def _get_output_dir(self, trial):
         staging = getattr(self, "_trm_staging", None)
@@ -40,6 +43,11 @@ class TrainerIOSeams:
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
+        calibration = self._trm_calibration
+        if calibration is not None and checkpoint is not None and calibration.load(checkpoint):
+            if self._trm_adaptive is not None:  # seeded from the calibrated thresholds, as when they were set
+                self._trm_adaptive.initial_delta_max = calibration.thresholds["delta_max"]
+                self._trm_adaptive.initial_delta_avg = calibration.thresholds["delta_avg"]
         if self._trm_adaptive is not None and checkpoint is not None:
             self._trm_adaptive.load(checkpoint)
 
@@ -47,7 +55,9 @@ class TrainerIOSeams:
         """TRL's card plus a TRM section: settings, final accept-rate figures, citation (`trl_trm.hub`)."""
         super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
         if self.is_world_process_zero():
-            append_trm_section(os.path.join(self.args.output_dir, "README.md"), self.args, self.state.log_history)
+            calibration = None if self._trm_calibration is None else self._trm_calibration.state_dict()
+            readme = os.path.join(self.args.output_dir, "README.md")
+            append_trm_section(readme, self.args, self.state.log_history, calibration)
 
     def init_hf_repo(self, token=None, private=None):
         # Called from `Trainer.__init__` when push_to_hub=True: an unreachable Hub gets a clear error here.
