@@ -10,7 +10,17 @@ import pytest
 
 import trl_trm.masking as masking
 
-MATH_MODULES = ["modes", "row_blocks", "diagnostics", "masks", "estimator", "masking", "state_machine", "longhorizon"]
+MATH_MODULES = [
+    "modes",
+    "row_blocks",
+    "diagnostics",
+    "masks",
+    "estimator",
+    "masking",
+    "state_machine",
+    "longhorizon",
+    "calibration",
+]
 
 HOMES = {
     "modes": ["TRM_MODES", "SEQUENCE_MASK_MODES", "DEFAULT_DELTA_MAX", "validate_thresholds", "_check_inputs"],

@@ -118,7 +118,9 @@ def format_report(report: dict[str, Any]) -> str:
     for target, row in report["targets"].items():
         for mode, entry in row.items():
             if "thresholds" in entry:
-                values = ", ".join(f"trm_{k}={_fmt(v)}" for k, v in entry["thresholds"].items())
+                values = ", ".join(
+                    f"trm_{k}={'None' if v is None else f'{v:.6g}'}" for k, v in entry["thresholds"].items()
+                )
                 lines.append(f"  {target:<5} {mode:<9} {values}  (accept {_fmt(entry['accept'])})")
             else:
                 lines.append(f"  {target:<5} {mode:<9} none: {entry['reason']}")

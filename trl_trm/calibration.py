@@ -209,8 +209,8 @@ def recipe_accept_rates(stats: dict[str, torch.Tensor]) -> dict[str, float]:
 
 
 def recommend(summary: dict[str, Any], recipe_mode: str) -> tuple[str, str]:
-    """``(mode, reason)``: the correction that `docs/choosing-a-correction.md` (section "calibrate's recommendation")
-    points to for the measured mismatch, with its reason in one line."""
+    """``(mode, reason)``: the correction that `docs/choosing-a-correction.md` points to for the measured mismatch,
+    with its reason in one line (the rules: docs/calibrate.md, "The recommendation")."""
     k3, d_max = summary["k3"], summary["d_max"]["q50"]
     keep = recipe_mode if recipe_mode in CALIBRATED_MODES else "trm"
     if summary["sequences"] == 0 or d_max is None:
