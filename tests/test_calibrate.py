@@ -153,3 +153,18 @@ def test_calibration_settings_are_checked(tmp_path, overrides, match):
 def test_calibrate_batches_without_a_target_is_named_as_ignored(tmp_path):
     with pytest.warns(UserWarning, match=r"trm_calibrate_batches=3 \(used only with trm_calibrate_accept set\)"):
         _config(tmp_path, "ignored", trm_calibrate_batches=3)
+
+
+def test_calibration_seeds_the_adaptive_controller(tiny_model_dir, tmp_path):
+    args = _config(tmp_path, "adaptive", per_device_train_batch_size=16, bf16=True, max_steps=1,
+                   trm_calibrate_accept=0.75, trm_target_accept_rate=0.75)  # fmt: skip
+    trainer = TRMTrainer(model=tiny_model_dir, reward_funcs=length_reward, args=args, train_dataset=PROMPTS)
+    trainer.train()
+    thresholds, adaptive = trainer._trm_calibration.thresholds, trainer._trm_adaptive
+    assert (adaptive.initial_delta_max, adaptive.initial_delta_avg) == (
+        thresholds["delta_max"],
+        thresholds["delta_avg"],
+    )
+    first = _first_step_log(trainer)
+    assert first["trm/delta_max"] == pytest.approx(thresholds["delta_max"])  # in force at step 1 (scale 1)
+    assert thresholds["delta_max"] != args.trm_delta_max
