@@ -19,6 +19,7 @@ from .masking import (
 )
 
 MASK_POLICIES = ("current", "generation")
+OLD_POLICIES = ("trainer", "rollout")
 _RATIO_MODES = ("seq_mis", "seq_tis", "token_tis", "token_mis")
 # The modes whose math reads each mode-specific `trm_*` field (trl_trm/masks.py `_rejections`, trl_trm/modes.py
 # `_weight_band`, trl_trm/estimator.py). A field missing here (trm_rollout_topk, trm_mask_policy, trm_nonfinite, ...)
@@ -110,6 +111,15 @@ class TRMConfig(GRPOConfig):
             The number of consecutive logs below `trm_accept_rate_floor` before that warning.
         trm_plot (`bool`, defaults to `True`):
             Save `OUTPUT_DIR/trm_stats.png` (reward and `trm/` metrics over steps) at the end of training.
+        trm_old_policy (`str`, defaults to `"trainer"`):
+            The old policy π_old of TRL's PPO ratio r_t = π_θ/π_old. `"trainer"`: TRL's own (the training engine at
+            generation time; the mask modes then weight accepted tokens by π_old/π_roll). `"rollout"` (the "bypass" of
+            verl, prime-rl's and Tinker's default; the seeds' PPO baseline): π_old := π_roll, so the ratio is
+            π_θ/π_roll, clipped against the rollout policy, the ρ factor is 1 (mask modes weight by the 0/1 mask), and
+            the old-log-prob forward TRL runs when `num_iterations > 1` or `steps_per_generation >
+            gradient_accumulation_steps` is skipped. Needs rollout log-probs; refused with `"token_tis"`/`"seq_tis"`
+            (their weight would be exactly 1: use `"none"`), `vllm_importance_sampling_correction`, `loss_type="vespo"`
+            and sampler processors (top-k, top-p, ...). See docs/modes.md.
         trm_nonfinite (`str`, defaults to `"reject"`):
             A sequence with a NaN/inf log-prob cannot be certified: `"reject"` rejects it (counted in
             `trm/nonfinite_frac`), `"raise"` stops training with an error.
@@ -187,6 +197,15 @@ class TRMConfig(GRPOConfig):
             "choices": list(MASK_POLICIES),
         },
     )
+    trm_old_policy: str = field(
+        default="trainer",
+        metadata={
+            "help": "The old policy of TRL's PPO ratio: 'trainer' (TRL's, default) or 'rollout' (pi_old := pi_roll, "
+            "the 'bypass' PPO baseline: the ratio pi_theta/pi_roll is clipped against the rollout policy, and TRL's "
+            "old-log-prob forward is skipped).",
+            "choices": list(OLD_POLICIES),
+        },
+    )
     trm_nonfinite: str = field(
         default="reject",
         metadata={
@@ -256,6 +275,7 @@ class TRMConfig(GRPOConfig):
         if self.trm_nonfinite not in ("reject", "raise"):
             raise ValueError(f"Unknown `trm_nonfinite` {self.trm_nonfinite!r}. Choose 'reject' or 'raise'.")
         self._trm_check_one_correction()
+        self._trm_check_old_policy()
         self._trm_check_accept_rate_settings()
         self._trm_warn_ignored_settings()
         if self.loss_type == "vespo" and self.trm_mode != "none":
@@ -319,6 +339,31 @@ class TRMConfig(GRPOConfig):
                 "corrections. Set `off_policy_mask_threshold=None`, or `trm_mode='none'`."
             )
 
+    def _trm_check_old_policy(self) -> None:
+        """`trm_old_policy="rollout"` (π_old := π_roll) is refused, by name, where it cannot take effect."""
+        policy = self.trm_old_policy
+        if policy not in OLD_POLICIES:
+            raise ValueError(f"Unknown `trm_old_policy` {policy!r}. Choose one of {list(OLD_POLICIES)}.")
+        if policy == "trainer":
+            return
+        if self.trm_mode in ("token_tis", "seq_tis"):
+            raise ValueError(
+                f"`trm_old_policy='rollout'` makes the `{self.trm_mode}` weight (the truncated pi_old/pi_roll) exactly "
+                "1, so the mode would do nothing: use `trm_mode='none'` (PPO's clip against pi_roll is the truncation), "
+                "or `trm_old_policy='trainer'`."
+            )
+        if self.vllm_importance_sampling_correction:
+            raise ValueError(
+                "`trm_old_policy='rollout'` already makes TRL's ratio pi_theta/pi_roll; "
+                "`vllm_importance_sampling_correction=True` would correct for pi_roll twice. Set it to False."
+            )
+        if self.loss_type == "vespo":
+            raise ValueError(
+                "`trm_old_policy='rollout'` is not supported with `loss_type='vespo'` (it builds its own sequence "
+                "weights from TRL's ratio and importance-sampling ratio). Use another `loss_type`, or "
+                "`trm_old_policy='trainer'`."
+            )
+
     def _trm_check_accept_rate_settings(self) -> None:
         """The accept-rate warning (`trm_accept_rate_floor` / `_patience`) and the adaptive controller
         (`trm_target_accept_rate`, `trm` mode only; its settings are validated now, not at the first step)."""
@@ -351,6 +396,8 @@ class TRMConfig(GRPOConfig):
             ignored += [(name, reason) for name in ("trm_adapt_rate", "trm_adapt_min_scale", "trm_adapt_max_scale")]
         if self.trm_accept_rate_floor is None:
             ignored.append(("trm_accept_rate_patience", "used only with trm_accept_rate_floor set"))
+        if self.trm_old_policy == "rollout":
+            ignored.append(("trm_ratio_factor", "pi_old/pi_roll is 1 with trm_old_policy='rollout'"))
         return [
             f"{name}={getattr(self, name)!r} ({reason})"
             for name, reason in ignored
