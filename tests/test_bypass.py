@@ -204,3 +204,44 @@ def test_a_batch_without_rollout_logprobs_is_refused(make_trainer):
 def test_the_ratio_factor_switch_is_named_as_ignored(tmp_path):
     with pytest.warns(UserWarning, match="trm_ratio_factor=False"):
         TRMConfig(**base_config_kwargs(tmp_path, trm_old_policy="rollout", trm_ratio_factor=False))
+
+
+def test_sequence_level_ratio_is_against_the_rollout_policy(make_trainer):
+    """`importance_sampling_level="sequence"` (GSPO): the ratio is exp(mean_t log π_θ/π_roll) per sequence."""
+    trainer = make_trainer(
+        bf16=False, loss_type="grpo", importance_sampling_level="sequence", trm_mode="none", trm_old_policy="rollout"
+    )
+    trainer.current_gradient_accumulation_steps = 1
+    trainer.model.train()
+    batch = _batch(trainer, c=0.3, old_shift=0.15)
+    batch["sampling_per_token_logps"][2] += 0.5  # row 2: mean log ratio -0.2, outside the clip on one side only
+    model = trainer.model
+    loss = trainer._compute_loss(model, batch)
+
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[:, batch["prompt_ids"].size(1) - 1 : -1].float()
+    logps = torch.log_softmax(logits, -1).gather(-1, batch["completion_ids"].unsqueeze(-1)).squeeze(-1)
+    mask = batch["completion_mask"].float()
+    log_ratio = ((logps - batch["sampling_per_token_logps"]) * mask).sum(-1) / mask.sum(-1)  # (B,)
+    coef_1 = torch.exp(log_ratio)[:, None]
+    coef_2 = torch.clamp(coef_1, 1 - trainer.epsilon_low, 1 + trainer.epsilon_high)
+    adv = batch["advantages"][:, None]
+    per_token = -torch.min(coef_1 * adv, coef_2 * adv).expand_as(mask)
+    want = ((per_token * mask).sum(-1) / mask.sum(-1)).mean()
+    torch.testing.assert_close(loss.detach(), want, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_a_mask_evaluated_at_generation_weights_by_the_mask_alone(tiny_model_dir, toy_dataset, tmp_path):
+    """`trm_mask_policy="generation"`: the mask's weights are built with π_old = π_roll, so an accepted token's weight
+    is 1 (the default gives π_old/π_roll = e^0.3); the generation-time forward of the mask itself still runs."""
+    settings = dict(trm_mask_policy="generation", num_iterations=2, trm_delta_max=10.0, trm_delta_avg=None)
+    runs = {
+        p: _train(
+            tiny_model_dir, toy_dataset, tmp_path / p, rollout_func=shifted_rollout(0.3), trm_old_policy=p, **settings
+        )
+        for p in ("trainer", "rollout")
+    }
+    assert _logs(runs["rollout"], "trm/token_weight/mean") == pytest.approx([1.0], rel=1e-5)
+    assert _logs(runs["trainer"], "trm/token_weight/mean") == pytest.approx([1.3499], rel=1e-3)

@@ -116,8 +116,8 @@ class TRMConfig(GRPOConfig):
             generation time; the mask modes then weight accepted tokens by π_old/π_roll). `"rollout"` (the "bypass" of
             verl, prime-rl's and Tinker's default; the seeds' PPO baseline): π_old := π_roll, so the ratio is
             π_θ/π_roll, clipped against the rollout policy, the ρ factor is 1 (mask modes weight by the 0/1 mask), and
-            the old-log-prob forward TRL runs when `num_iterations > 1` or `steps_per_generation >
-            gradient_accumulation_steps` is skipped. Needs rollout log-probs; refused with `"token_tis"`/`"seq_tis"`
+            the old-log-prob forward TRL runs when `steps_per_generation * num_iterations` does not divide
+            `gradient_accumulation_steps` (e.g. `num_iterations > 1`) is skipped. Needs rollout log-probs; refused with `"token_tis"`/`"seq_tis"`
             (their weight would be exactly 1: use `"none"`), `vllm_importance_sampling_correction`, `loss_type="vespo"`
             and sampler processors (top-k, top-p, ...). See docs/modes.md.
         trm_nonfinite (`str`, defaults to `"reject"`):
