@@ -245,3 +245,29 @@ def test_a_mask_evaluated_at_generation_weights_by_the_mask_alone(tiny_model_dir
     }
     assert _logs(runs["rollout"], "trm/token_weight/mean") == pytest.approx([1.0], rel=1e-5)
     assert _logs(runs["trainer"], "trm/token_weight/mean") == pytest.approx([1.3499], rel=1e-3)
+
+
+@pytest.mark.parametrize("mode", ["trm", "trm_exact", "geo_mask", "seq_mis", "token_mis", "none"])
+def test_every_mask_mode_weights_by_its_mask_alone_with_pi_old_the_rollout(mode):
+    """What `rollout_as_old_policy` gives `estimator_weights` (π_old = π_roll): the mode's own 0/1 mask, for every mode
+    that composes with bypass (the factor π_old/π_roll is exactly 1)."""
+    from trl_trm.loss_inputs import old_logps_for, rollout_as_old_policy
+    from trl_trm.masking import mask_and_weights
+
+    gen = torch.Generator().manual_seed(0)
+    theta = -torch.rand(6, 9, generator=gen) * 3  # (B, T)
+    sampling = theta - 0.003 * torch.randn(6, 9, generator=gen)
+    sampling[0, 2] -= 1.0  # log ρ = 1 at one token of rows 0 and 3: every mode rejects it (token_mis the token)
+    sampling[3, 7] -= 1.0
+    mask = torch.ones(6, 9)
+    mask[1, 5:] = 0
+    inputs = {"sampling_per_token_logps": sampling, "old_per_token_logps": theta + 0.2, "trm_old_logps": theta}
+    rollout_as_old_policy(inputs)
+    old = old_logps_for(inputs, theta)
+    assert old is sampling
+    extra = {"kl_tok": (theta - sampling) ** 2} if mode == "trm_exact" else {}
+    result, weights = mask_and_weights(theta, sampling, old, mask, mode=mode, **extra)
+    assert torch.equal(weights, result.weights)
+    assert set(weights.unique().tolist()) <= {0.0, 1.0}
+    rejected = {"none": 0, "token_mis": 2}.get(mode, 9 + 9)  # weights lost: whole rows, or the two tokens
+    assert int(mask.sum() - weights.sum()) == rejected
