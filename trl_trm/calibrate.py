@@ -200,6 +200,18 @@ class StartupCalibration:
         self.accept = mask_accept(trainer, kept, self.mode, self.thresholds)
         return self.thresholds
 
+    def apply(self, trainer, inputs) -> None:
+        """:meth:`run`, then seed the adaptive controller (`trm_target_accept_rate`) with the thresholds and put them in
+        the first step's logs (`trm/calibrated/<threshold>`, `trm/calibrated/accept_rate`)."""
+        thresholds = self.run(trainer, inputs)
+        if trainer._trm_adaptive is not None:
+            trainer._trm_adaptive.initial_delta_max = thresholds["delta_max"]
+            trainer._trm_adaptive.initial_delta_avg = thresholds["delta_avg"]
+        metrics = trainer._metrics["train"]
+        for key, value in thresholds.items():
+            metrics[f"trm/calibrated/{key}"] = [float("nan") if value is None else value]
+        metrics["trm/calibrated/accept_rate"] = [self.accept]
+
     def state_dict(self) -> dict[str, Any]:
         return {"target": self.target, "batches": self.batches, "mode": self.mode, "thresholds": self.thresholds,
                 "accept": self.accept}  # fmt: skip

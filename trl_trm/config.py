@@ -7,6 +7,8 @@ from dataclasses import dataclass, field, fields
 
 from trl import GRPOConfig
 
+from . import config_checks
+from .config_checks import OLD_POLICIES
 from .masking import (
     DEFAULT_DELTA_AVG,
     DEFAULT_DELTA_KL,
@@ -119,6 +121,15 @@ class TRMConfig(GRPOConfig):
             The number of consecutive logs below `trm_accept_rate_floor` before that warning.
         trm_plot (`bool`, defaults to `True`):
             Save `OUTPUT_DIR/trm_stats.png` (reward and `trm/` metrics over steps) at the end of training.
+        trm_old_policy (`str`, defaults to `"trainer"`):
+            The old policy π_old of TRL's PPO ratio r_t = π_θ/π_old. `"trainer"`: TRL's own (the training engine at
+            generation time; the mask modes then weight accepted tokens by π_old/π_roll). `"rollout"` (the "bypass" of
+            verl, prime-rl's and Tinker's default; the seeds' PPO baseline): π_old := π_roll, so the ratio is
+            π_θ/π_roll, clipped against the rollout policy, the ρ factor is 1 (mask modes weight by the 0/1 mask), and
+            the old-log-prob forward TRL runs when `steps_per_generation * num_iterations` does not divide
+            `gradient_accumulation_steps` (e.g. `num_iterations > 1`) is skipped. Needs rollout log-probs; refused with `"token_tis"`/`"seq_tis"`
+            (their weight would be exactly 1: use `"none"`), `vllm_importance_sampling_correction`, `loss_type="vespo"`
+            and sampler processors (top-k, top-p, ...). See docs/modes.md.
         trm_nonfinite (`str`, defaults to `"reject"`):
             A sequence with a NaN/inf log-prob cannot be certified: `"reject"` rejects it (counted in
             `trm/nonfinite_frac`), `"raise"` stops training with an error.
@@ -196,6 +207,15 @@ class TRMConfig(GRPOConfig):
             "choices": list(MASK_POLICIES),
         },
     )
+    trm_old_policy: str = field(
+        default="trainer",
+        metadata={
+            "help": "The old policy of TRL's PPO ratio: 'trainer' (TRL's, default) or 'rollout' (pi_old := pi_roll, "
+            "the 'bypass' PPO baseline: the ratio pi_theta/pi_roll is clipped against the rollout policy, and TRL's "
+            "old-log-prob forward is skipped).",
+            "choices": list(OLD_POLICIES),
+        },
+    )
     trm_nonfinite: str = field(
         default="reject",
         metadata={
@@ -253,8 +273,8 @@ class TRMConfig(GRPOConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        self._trm_check_rollout_topk()
-        self._trm_parse_ratio_max()
+        config_checks.check_rollout_topk(self)
+        config_checks.parse_ratio_max(self)
         if not isinstance(self.trm_ratio_factor, bool):
             raise ValueError(f"`trm_ratio_factor` must be True or False, got {self.trm_ratio_factor!r}.")
         validate_thresholds(
@@ -274,88 +294,15 @@ class TRMConfig(GRPOConfig):
             )
         if self.trm_nonfinite not in ("reject", "raise"):
             raise ValueError(f"Unknown `trm_nonfinite` {self.trm_nonfinite!r}. Choose 'reject' or 'raise'.")
-        self._trm_check_one_correction()
-        self._trm_check_accept_rate_settings()
+        config_checks.check_one_correction(self)
+        config_checks.check_old_policy(self)
+        config_checks.check_accept_rate_settings(self)
         self._trm_warn_ignored_settings()
         if self.loss_type == "vespo" and self.trm_mode != "none":
             raise ValueError(
                 "`loss_type='vespo'` applies its own sequence-level importance weighting; it cannot be combined with "
                 f"`trm_mode={self.trm_mode!r}`. Use another `loss_type`, or `trm_mode='none'`."
             )
-
-    def _trm_check_rollout_topk(self) -> None:
-        """`trm_rollout_topk` is an integer >= 0, and >= 1 for `trm_exact`."""
-        topk = self.trm_rollout_topk
-        if not isinstance(topk, int) or isinstance(topk, bool) or topk < 0:
-            raise ValueError(
-                f"`trm_rollout_topk` must be an integer >= 0 (0 = no top-k capture), got {topk!r}. Use e.g. "
-                "`trm_rollout_topk=20`."
-            )
-        if self.trm_mode == "trm_exact" and topk < 1:
-            raise ValueError(
-                "`trm_mode='trm_exact'` needs `trm_rollout_topk >= 1`: the per-token KL is computed from the rollout "
-                "engine's top-k log-probs at every position, and `trm_rollout_topk=0` captures none. Set e.g. "
-                "`trm_rollout_topk=20` (vLLM: start the server with `--max-logprobs 20` or more), or use "
-                "`trm_mode='trm'`."
-            )
-
-    def _trm_parse_ratio_max(self) -> None:
-        """A string `trm_ratio_max` (the command line and YAML recipes give strings) becomes "auto" (`seq_tis` only),
-        None or a float."""
-        if not isinstance(self.trm_ratio_max, str):
-            return
-        text = self.trm_ratio_max.strip().lower()
-        if text == "auto":
-            if self.trm_mode != "seq_tis":
-                raise ValueError(
-                    f"`trm_ratio_max='auto'` (the Seq-TIS optimal clip C*) is for `trm_mode='seq_tis'`; got "
-                    f"`trm_mode={self.trm_mode!r}`. Give a number, e.g. `trm_ratio_max=2.0`."
-                )
-            self.trm_ratio_max = "auto"
-        elif text in ("none", "null"):
-            self.trm_ratio_max = None
-        else:
-            try:
-                self.trm_ratio_max = float(text)
-            except ValueError:
-                raise ValueError(
-                    f"`trm_ratio_max` must be a number, None or 'auto' (seq_tis), got {self.trm_ratio_max!r}."
-                ) from None
-
-    def _trm_check_one_correction(self) -> None:
-        """With `trm_mode != "none"`, TRL's own off-policy corrections must be off: exactly one is ever applied."""
-        if self.trm_mode == "none":
-            return
-        if self.vllm_importance_sampling_correction:
-            raise ValueError(
-                f"`trm_mode={self.trm_mode!r}` and `vllm_importance_sampling_correction=True` would apply two "
-                "off-policy corrections. Set `vllm_importance_sampling_correction=False` (TRM replaces it), or "
-                "`trm_mode='none'` to keep TRL's correction and log TRM diagnostics only."
-            )
-        if self.off_policy_mask_threshold is not None:
-            raise ValueError(
-                f"`trm_mode={self.trm_mode!r}` and `off_policy_mask_threshold` would apply two off-policy "
-                "corrections. Set `off_policy_mask_threshold=None`, or `trm_mode='none'`."
-            )
-
-    def _trm_check_accept_rate_settings(self) -> None:
-        """The accept-rate warning (`trm_accept_rate_floor` / `_patience`) and the adaptive controller
-        (`trm_target_accept_rate`, `trm` mode only; its settings are validated now, not at the first step)."""
-        if self.trm_accept_rate_floor is not None and not 0.0 < self.trm_accept_rate_floor <= 1.0:
-            raise ValueError(
-                f"`trm_accept_rate_floor` must lie in (0, 1] (or be None to disable the warning), got "
-                f"{self.trm_accept_rate_floor}."
-            )
-        if self.trm_accept_rate_patience < 1:
-            raise ValueError(f"`trm_accept_rate_patience` must be >= 1, got {self.trm_accept_rate_patience}.")
-        if self.trm_target_accept_rate is not None:
-            if self.trm_mode != "trm":
-                raise ValueError(
-                    "`trm_target_accept_rate` steers `trm_delta_max`/`trm_delta_avg`, which only `trm_mode='trm'` "
-                    f"uses; got `trm_mode={self.trm_mode!r}`. Unset `trm_target_accept_rate` or use `trm_mode='trm'`."
-                )
-            self.make_adaptive_thresholds()  # validates the controller settings now, not at the first step
-        self.make_startup_calibration()  # validates `trm_calibrate_*` now
 
     def _trm_ignored_settings(self) -> list[str]:
         """``"field=value (used by ...)"`` for every `trm_*` field set to a non-default value that nothing reads under
@@ -373,6 +320,8 @@ class TRMConfig(GRPOConfig):
             ignored.append(("trm_calibrate_batches", "used only with trm_calibrate_accept set"))
         if self.trm_accept_rate_floor is None:
             ignored.append(("trm_accept_rate_patience", "used only with trm_accept_rate_floor set"))
+        if self.trm_old_policy == "rollout":
+            ignored.append(("trm_ratio_factor", "pi_old/pi_roll is 1 with trm_old_policy='rollout'"))
         return [
             f"{name}={getattr(self, name)!r} ({reason})"
             for name, reason in ignored

@@ -33,6 +33,19 @@ def old_logps_for(inputs: dict[str, Any], mask_logps: torch.Tensor) -> torch.Ten
     return old
 
 
+def rollout_as_old_policy(inputs: dict[str, Any]) -> None:
+    """`trm_old_policy="rollout"`: π_old := π_roll in ``inputs`` (a shallow copy of TRL's batch), so TRL's ratio is
+    π_θ/π_roll, clipped against the rollout policy, and the ρ factor π_old/π_roll of :func:`old_logps_for` is 1."""
+    sampling = inputs.get("sampling_per_token_logps")
+    if sampling is None:
+        raise ValueError(
+            "`trm_old_policy='rollout'` needs the rollout log-probs, and this batch has none (a `rollout_func` must "
+            "return `logprobs`). Return them, or use `trm_old_policy='trainer'`."
+        )
+    inputs.pop("trm_old_logps", None)
+    inputs["old_per_token_logps"] = sampling  # (B, T)
+
+
 def weight_loss_inputs(inputs: dict[str, Any], weights: torch.Tensor, per_token_logps: torch.Tensor, beta: float):
     """Scale ``inputs["advantages"]`` ((B,) or (B, T)) by the (B, T) ``weights`` in place, and with ``beta != 0`` set
     the reference log-probs of zero-weight tokens to ``per_token_logps`` (detached). ``inputs``: a shallow copy of TRL's

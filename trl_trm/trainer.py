@@ -15,7 +15,7 @@ from trl import GRPOTrainer
 from . import topk
 from .callbacks import TRMStatsCallback
 from .config import TRMConfig
-from .loss_inputs import detach_unweighted, old_logps_for, weight_loss_inputs
+from .loss_inputs import detach_unweighted, old_logps_for, rollout_as_old_policy, weight_loss_inputs
 from .masking import TrustRegionMaskOutput, estimator_weights, mask_and_weights, seq_tis_auto_clip
 from .processors import sampler_for_trainer
 from .rollout import RolloutLogprobChecks, record_sampling_logprobs
@@ -44,12 +44,16 @@ class TRMTrainer(TrainerIOSeams, GRPOTrainer):
     * `_calculate_rewards`: counts non-finite rewards in TRL's gathered (N, F) tensor (`trm/reward_nonfinite_frac`,
       one warning; no finite reward in a whole run is an error at its end).
     * `_generate_and_score_completions`: with `trm_calibrate_accept`, first sets the thresholds from the first batch's
-      prompts (`trl_trm.calibrate`, before any optimiser step); pads the top-k into (B, T, k) `trm_topk_*` tensors (split and shuffled by row
-      with the batch); with `trm_mask_policy="generation"`, evaluates the mask once.
-    * `_compute_loss`: hands a shallow copy of the batch (reused across `num_iterations`) to the forward below.
+      prompts (`trl_trm.calibrate`, before any optimiser step); pads the top-k into (B, T, k) `trm_topk_*` tensors
+      (split and shuffled by row with the batch); with `trm_mask_policy="generation"`, evaluates the mask once. With
+      `trm_old_policy="rollout"`, arms the skip of TRL's old-log-prob forward (below) when TRL would run it.
+    * `_compute_loss`: hands a shallow copy of the batch (reused across `num_iterations`) to the forward below; with
+      `trm_old_policy="rollout"` its `old_per_token_logps` are the rollout's (π_old := π_roll).
     * `_get_per_token_logps_and_entropies`, during `_compute_loss` only: the one point in TRL's loss where π_θ's
       log-probs exist before the advantages are read (TRL has no per-token loss-weight hook): captures π_θ at the
-      top-k ids, evaluates the mask, and scales the advantages by the (B, T) weights (`trl_trm.loss_inputs`).
+      top-k ids, evaluates the mask, and scales the advantages by the (B, T) weights (`trl_trm.loss_inputs`). With
+      `trm_old_policy="rollout"`, TRL's no-grad old-log-prob forward in `_generate_and_score_completions` (the first
+      call there) is not run: a placeholder is returned and dropped from the batch.
     * `log`: reduces the `trm/` window once, before TRL averages its `_metrics` lists.
     * `_get_grad_norm`: records whether each optimizer step's gradient was non-zero.
     * `train`: then one warning and `trm_run_problem` (`trl-trm train` exits 1 on it) when the run could not learn
@@ -101,12 +105,21 @@ class TRMTrainer(TrainerIOSeams, GRPOTrainer):
         self._trm_health = RunHealth()  # could this `train()` learn anything? (checked when it returns)
         self.trm_run_problem: str | None = None  # why the last `train()` could not learn (None: it could)
         self._trm_loss_inputs: dict[str, Any] | None = None
+        self._trm_bypass = args.trm_old_policy == "rollout"  # π_old := π_roll (docs/modes.md)
+        self._trm_skip_old_forward = False  # armed while TRL would run its old-log-prob forward, in bypass mode
+        self.trm_skipped_old_forwards = 0  # how many TRL old-log-prob forwards bypass mode skipped
         self._trm_topk = args.trm_rollout_topk
         self._trm_topk_stash = self._trm_pending_topk = None  # top-k of the last turn / of the batch being built
         if self._trm_topk > 0:
             self._trm_topk_setup()
         check_trainer_engine(self)  # vLLM must report processed log-probs, and enough of them (docs/vllm.md)
         self._trm_processors = sampler_for_trainer(self)  # sampler processors to reproduce on π_θ (docs/samplers.md)
+        if self._trm_bypass and self._trm_processors is not None:
+            raise ValueError(
+                "`trm_old_policy='rollout'` puts the processed rollout log-probs (top-k/top-p/min-p/repetition penalty) "
+                "in the denominator of TRL's unprocessed ratio, which would then differ from 1 on-policy. Sample "
+                "without those processors, or use `trm_old_policy='trainer'`."
+            )
         self._trm_adaptive = args.make_adaptive_thresholds() if args.trm_target_accept_rate is not None else None
         self._trm_calibration = args.make_startup_calibration()  # None unless `trm_calibrate_accept` is set
         # trm_stats.jsonl and its plot; removable with remove_callback(TRMStatsCallback).
@@ -164,8 +177,16 @@ class TRMTrainer(TrainerIOSeams, GRPOTrainer):
 
     def _generate_and_score_completions(self, inputs):
         if self._trm_calibration is not None and self._trm_calibration.pending:  # before the first optimiser step
-            self._trm_calibrate(inputs)
-        output = super()._generate_and_score_completions(inputs)
+            self._trm_calibration.apply(self, inputs)  # `trl_trm.calibrate`: thresholds, controller seed, logs
+        args = self.args  # TRL runs its old-log-prob forward exactly when generation and accumulation are misaligned
+        generate_every = args.steps_per_generation * self.num_iterations
+        self._trm_skip_old_forward = self._trm_bypass and args.gradient_accumulation_steps % generate_every != 0
+        try:
+            output = super()._generate_and_score_completions(inputs)
+        finally:
+            self._trm_skip_old_forward = False
+        if self._trm_bypass:
+            output.pop("old_per_token_logps", None)  # the skipped forward's placeholder; π_old is π_roll
         pending, self._trm_pending_topk = self._trm_pending_topk, None
         if pending is not None:  # (B, T, k) tensors, right-padded like completion_ids; TRL splits/shuffles by row
             completion_ids = output["completion_ids"]
@@ -178,7 +199,8 @@ class TRMTrainer(TrainerIOSeams, GRPOTrainer):
         processors = self._trm_processors
         if self.args.trm_mask_policy == "generation":
             logps, theta_topk = self._trm_policy_logps(output)
-            _, output["trm_weights"] = self._trm_evaluate(logps, logps, output, theta_topk)
+            old = output["sampling_per_token_logps"] if self._trm_bypass else logps  # bypass: π_old = π_roll
+            _, output["trm_weights"] = self._trm_evaluate(logps, old, output, theta_topk)
         elif processors is not None and output.get("old_per_token_logps") is not None:
             # π_old of the ρ factor under the sampler's processors, like π_roll (TRL's old log-probs have none).
             output["trm_old_logps"] = self._trm_generation_logps(output)[0]
@@ -193,17 +215,6 @@ class TRMTrainer(TrainerIOSeams, GRPOTrainer):
         ):  # needs this forward's capture
             return self._trm_generation_logps(output)
         return logps, None
-
-    def _trm_calibrate(self, inputs) -> None:
-        """`trm_calibrate_accept`: sample the first generation batch's prompts `trm_calibrate_batches` times, set the
-        mode's thresholds from them (`trl_trm.calibrate`), seed the adaptive controller, log them with the first step."""
-        thresholds = self._trm_calibration.run(self, inputs)
-        if self._trm_adaptive is not None:
-            self._trm_adaptive.initial_delta_max = thresholds["delta_max"]
-            self._trm_adaptive.initial_delta_avg = thresholds["delta_avg"]
-        for key, value in thresholds.items():
-            self._metrics["train"][f"trm/calibrated/{key}"] = [float("nan") if value is None else value]
-        self._metrics["train"]["trm/calibrated/accept_rate"] = [self._trm_calibration.accept]
 
     @torch.no_grad()
     def _trm_generation_logps(self, output: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -232,12 +243,19 @@ class TRMTrainer(TrainerIOSeams, GRPOTrainer):
     def _compute_loss(self, model, inputs):
         # Shallow copy: the buffered batch is reused across `num_iterations`, so it must not be modified.
         self._trm_loss_inputs = dict(inputs)
+        if self._trm_bypass:
+            rollout_as_old_policy(self._trm_loss_inputs)  # TRL's ratio: π_θ/π_roll
         try:
             return super()._compute_loss(model, self._trm_loss_inputs)
         finally:
             self._trm_loss_inputs = None
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *a, **kw):
+        if self._trm_skip_old_forward and not torch.is_grad_enabled():  # bypass: TRL's old-log-prob forward
+            self._trm_skip_old_forward = False
+            self.trm_skipped_old_forwards += 1
+            placeholder = torch.zeros(input_ids.size(0), logits_to_keep, device=input_ids.device)  # (B, T), dropped
+            return placeholder, None, None
         inputs, self._trm_loss_inputs = self._trm_loss_inputs, None  # act once, on the loss forward only
         batch_size = kw.get("batch_size", a[0] if a else None)
         capture = topk.head_capture(inputs, attention_mask, logits_to_keep, batch_size, self._trm_processors)
