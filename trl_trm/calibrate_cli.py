@@ -153,6 +153,7 @@ def _run_rollouts(rest: list[str], opts) -> dict[str, Any]:
     scratch = _scratch_dir(config.output_dir)
     config.output_dir, config.resume_from_checkpoint, config.push_to_hub = scratch, None, False
     config.report_to, config.trm_plot, config.save_strategy = [], False, "no"
+    script_args.overwrite_output_dir = True  # a scratch folder left by an interrupted calibration is reused
     try:
         trainer = build_trainer(script_args, config, model_args)
         report = calibrate_trainer(trainer, opts.batches, opts.targets)

@@ -236,3 +236,27 @@ def test_lora_training_and_merged_weight_sync(lora_trainer, record_property):
     record_property("lora_sync_max_abs_dlogp", float(diff.max()))
     assert float(diff.mean()) < BF16_MEAN_TOL and float(diff.max()) < BF16_MAX_TOL
     assert float(adapter_effect.mean()) > 10 * BF16_MEAN_TOL  # the adapters matter, so the match is not vacuous
+
+
+def test_calibrate_runs_the_colocated_engine(full_trainer):
+    """`trl-trm calibrate`'s engine side on the colocated vLLM path: the bf16 engine's mismatch is measured on its own
+    completions, and each target's thresholds give that accept rate under the real mask, without training."""
+    from trl_trm.calibrate import calibrate_trainer
+
+    step = full_trainer.state.global_step
+    gen_spy = VLLMGenerateSpy(full_trainer.vllm_generation.llm)
+    try:
+        report = calibrate_trainer(full_trainer, batches=2, targets=(0.5,), progress=False)
+    finally:
+        gen_spy.remove()
+    assert full_trainer.state.global_step == step  # nothing trained
+    mismatch, args = report["mismatch"], full_trainer.args
+    assert (
+        mismatch["sequences"]
+        == len(gen_spy.records)
+        == 2 * args.per_device_train_batch_size * args.steps_per_generation
+    )
+    assert 0.0 < mismatch["k3"] < BF16_MEAN_TOL and mismatch["d_max"]["q100"] < BF16_MAX_TOL
+    for mode in ("trm", "geo_mask", "seq_mis"):
+        entry = report["targets"]["0.5"][mode]
+        assert 0.5 <= entry["accept"] <= 0.5 + 2 / mismatch["sequences"], (mode, entry)
