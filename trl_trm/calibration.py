@@ -15,9 +15,11 @@ accepts at least a of the calibration sequences (more when values tie). The para
 | `trm`       | scale s of both deltas      | max(D_max_i / delta_max, D_avg_i / delta_avg) (criteria on) | delta_max s, delta_avg s   |
 | `trm_exact` | scale s of delta_kl (and delta_avg) | max(kl_tok_max_i / delta_kl, D_avg_i / delta_avg)  | delta_kl s (, delta_avg s) |
 | `geo_mask`  | half-width eta of a log band | abs(log geo_i) = abs(mean_t log rho_t)                    | geo_low e^-eta, geo_high e^eta |
-| `seq_mis`   | log C                       | seq_log_ratio_i (+inf below a recipe's ratio_min)           | ratio_max C                |
+| `seq_mis`   | log C (C >= 1)              | max(seq_log_ratio_i, 0) (+inf below a recipe's ratio_min)   | ratio_max C                |
 
-`trm` and `trm_exact` scale the recipe's thresholds by one common factor, as the adaptive controller does
+`seq_mis`'s C is at least 1 (a band that rejects an on-policy sequence is refused by the mask), so a target below the
+fraction of sequences with seq_log_ratio <= 0 is exceeded. `trm` and `trm_exact` scale the recipe's thresholds by one
+common factor, as the adaptive controller does
 (:mod:`trl_trm.adaptive`), so a criterion that is off stays off and the recipe's ratio between the two is kept.
 """
 
@@ -93,9 +95,10 @@ def required_values(mode: str, stats: dict[str, torch.Tensor], settings: dict[st
     elif mode == "geo_mask":
         required = (stats["seq_log_ratio"] / stats["num_finite"].clamp(min=1.0)).abs()
     elif mode == "seq_mis":
-        required = stats["seq_log_ratio"].clone()
+        required = stats["seq_log_ratio"].clamp(min=0.0)  # C >= 1: the band must keep an on-policy sequence
         if settings.get("ratio_min") is not None:
-            required = torch.where(required < math.log(settings["ratio_min"]), inf, required)
+            below = stats["seq_log_ratio"] < math.log(settings["ratio_min"])
+            required = torch.where(below, inf, required)
     else:
         return f"has no threshold to calibrate (`{mode}` keeps every finite sequence)"
     return torch.where(finite & torch.isfinite(required), required, inf)
