@@ -53,3 +53,29 @@ def test_rejected_row_puts_no_gradient_on_router(tiny_moe):
     for g1, g2 in zip(grads_with, grads_without, strict=True):
         assert g1.abs().sum() > 0
         assert torch.allclose(g1, g2, atol=1e-6)
+
+
+def test_gpt_oss_router_all_accepted_equals_architecture_aux_loss():
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    torch.manual_seed(0)
+    cfg = GptOssConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        output_router_logits=True,
+        router_aux_loss_coef=0.01,
+        layer_types=["full_attention", "full_attention"],
+    )
+    model = GptOssForCausalLM(cfg)
+    ids = torch.randint(0, 64, (2, 8))
+    am = torch.ones(2, 8, dtype=torch.long)
+    out, loss = _aux(model, ids, am, torch.ones(2, 4))
+    assert len(moe.router_modules(model)) == 2
+    assert torch.allclose(loss, out.aux_loss, atol=1e-6)
