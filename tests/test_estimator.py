@@ -290,7 +290,7 @@ def test_reject_all_with_kl_to_reference_gives_zero_gradient(make_trainer):
     assert all(torch.count_nonzero(p.grad) == 0 for p in trainer.model.parameters() if p.grad is not None)
 
 
-def test_moe_router_aux_loss_is_refused(tmp_path, toy_dataset):
+def test_moe_router_aux_loss_trains_in_trm_mode(tmp_path, toy_dataset):
     from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
 
     from trl_trm import TRMConfig, TRMTrainer
@@ -312,15 +312,14 @@ def test_moe_router_aux_loss_is_refused(tmp_path, toy_dataset):
         pad_token_id=tok.pad_token_id,
     )
     model = Qwen2MoeForCausalLM(config)
-    args = TRMConfig(**base_config_kwargs(tmp_path / "moe"))
-    with pytest.raises(ValueError, match="router_aux_loss_coef=0.0"):
-        TRMTrainer(model=model, reward_funcs=length_reward, args=args, train_dataset=toy_dataset, processing_class=tok)
-    # the fix named in the error works
-    args = TRMConfig(**base_config_kwargs(tmp_path / "moe2", router_aux_loss_coef=0.0))
+    args = TRMConfig(**base_config_kwargs(tmp_path / "moe", max_steps=1))
     trainer = TRMTrainer(
         model=model, reward_funcs=length_reward, args=args, train_dataset=toy_dataset, processing_class=tok
     )
-    assert not trainer.aux_loss_enabled
+    assert trainer.aux_loss_enabled  # no longer refused: the aux loss is masked to kept tokens (trl_trm/moe.py)
+    trainer.train()
+    aux = [log["aux_loss"] for log in trainer.state.log_history if "aux_loss" in log]
+    assert aux and all(a == a and a >= 0 for a in aux)  # finite, non-negative load-balancing loss was added
 
 
 # ---------------------------------------------------------------------------------------------------------------------

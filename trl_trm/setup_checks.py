@@ -33,7 +33,6 @@ def check_trainer_setup(trainer: Any) -> None:
     """Refuse a `TRMTrainer` set-up TRM cannot serve (read from the built ``trainer``, duck-typed):
 
     * transformers continuous batching generating the rollouts (no `rollout_func`): it reports no log-probs;
-    * the MoE router auxiliary loss: TRL adds it as one scalar, which no mask can reach;
     * `fsdp` set while Accelerate runs something else: accelerate 1.15 switches to FSDP only for accelerator process
       groups, so `fsdp` with `use_cpu=True` would train with plain DDP (docs/distributed.md).
     """
@@ -46,13 +45,6 @@ def check_trainer_setup(trainer: Any) -> None:
             "(`use_transformers_continuous_batching=True`) does not report them. Use vLLM (`use_vllm=True`), "
             "plain transformers generation (`use_transformers_continuous_batching=False`), or a `rollout_func` "
             "that returns `logprobs`."
-        )
-    if trainer.aux_loss_enabled and trm_mode != "none":
-        raise ValueError(
-            f"`trm_mode={trm_mode!r}` cannot mask the MoE router auxiliary loss: TRL adds it as one scalar "
-            "over every token of the micro-batch, so a rejected sequence would still move the router. Set "
-            "`router_aux_loss_coef=0.0` in the TRMConfig (or `output_router_logits=False` in the model config), "
-            "or use `trm_mode='none'`."
         )
     if fsdp and distributed_type != "FSDP":  # accelerate's `DistributedType` is a `str` enum
         raise ValueError(

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from trl import GRPOTrainer
 
-from . import topk
+from . import moe, topk
 from .callbacks import TRMStatsCallback
 from .config import TRMConfig
 from .loss_inputs import detach_unweighted, old_logps_for, rollout_as_old_policy, weight_loss_inputs
@@ -259,7 +259,8 @@ class TRMTrainer(TrainerIOSeams, GRPOTrainer):
         inputs, self._trm_loss_inputs = self._trm_loss_inputs, None  # act once, on the loss forward only
         batch_size = kw.get("batch_size", a[0] if a else None)
         capture = topk.head_capture(inputs, attention_mask, logits_to_keep, batch_size, self._trm_processors)
-        with capture or contextlib.nullcontext():
+        routers = moe.RouterLogitsCapture(model) if inputs is not None and self.aux_loss_enabled else None
+        with capture or contextlib.nullcontext(), routers or contextlib.nullcontext():
             out = super()._get_per_token_logps_and_entropies(
                 model, input_ids, attention_mask, logits_to_keep, *a, **kw
             )
@@ -267,6 +268,10 @@ class TRMTrainer(TrainerIOSeams, GRPOTrainer):
             return out
         weights = self._trm_apply(out[0], inputs, *self._trm_head_result(capture))
         logps, entropies, *rest = out
+        if routers is not None and weights is not None and rest and rest[0] is not None:  # aux loss over kept tokens
+            config = self.accelerator.unwrap_model(model).config
+            text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+            rest[0] = moe.masked_aux_loss(routers, text_config, attention_mask, weights, batch_size)
         return (logps, detach_unweighted(entropies, weights), *rest)  # a zero-weight token's entropy: no gradient
 
     def _trm_apply(self, per_token_logps, inputs, theta_topk=None, processed_logps=None) -> torch.Tensor | None:
