@@ -11,7 +11,23 @@ from dataclasses import dataclass
 import torch
 
 from .bounds import error_bounds
-from .row_blocks import _row_blocks
+from .row_blocks import _BlockStats, _row_blocks
+
+
+def _variance_sums_rows(
+    theta: torch.Tensor, roll: torch.Tensor, completion_mask: torch.Tensor, kl: torch.Tensor | None, stats: _BlockStats
+) -> None:
+    """The float64 fallback of the row-block loop's variance sums: rows whose ``stats.chi2_sum`` came out non-finite
+    (rho_t - 1 computed in a float32 working dtype overflows its square beyond log rho = 44; float64 holds to 354)
+    are recomputed elementwise in float64 by :func:`_variance_sums`, in place. Rare, so the common case costs one
+    (B,) check and no second pass over (B, T)."""
+    rows = (~torch.isfinite(stats.chi2_sum)).nonzero().flatten()  # (R,)
+    if rows.numel() == 0:
+        return
+    sub_kl = None if kl is None else kl[rows]
+    chi2_sum, ratio_m1_sum, _ = _variance_sums(theta[rows], roll[rows], completion_mask[rows], sub_kl, None)
+    stats.chi2_sum[rows] = chi2_sum
+    stats.ratio_m1_sum[rows] = ratio_m1_sum
 
 
 def _variance_sums(

@@ -41,7 +41,7 @@ from typing import Literal
 
 import torch
 
-from .diagnostics import _variance_sums
+from .diagnostics import _variance_sums_rows
 from .modes import (
     DEFAULT_DELTA_AVG,
     DEFAULT_DELTA_KL,
@@ -194,21 +194,22 @@ def compute_trust_region_mask(
         theta = per_token_logps.detach()  # (B, T)
         roll = sampling_per_token_logps.detach()  # (B, T)
         kl = None if kl_tok is None else kl_tok.detach()  # (B, T)
-        stats = _BlockStats.empty(batch, dtype, device, with_kl=kl is not None)
+        chi2_in = None if chi2_tok is None else chi2_tok.detach()  # (B, T)
+        stats = _BlockStats.empty(batch, dtype, device, with_kl=kl is not None, with_chi2_tok=chi2_in is not None)
         weights = torch.empty(batch, length_t, dtype=dtype, device=device)  # (B, T), returned
         band = _weight_band(mode, ratio_min, ratio_max)
         with one_block_thread(device, batch):
-            fill_row_blocks(theta, roll, completion_mask, kl, stats, weights, mode, band)
-            chi2_sum, ratio_m1_sum, chi2_tok_sum = _variance_sums(theta, roll, completion_mask, kl, chi2_tok)
+            fill_row_blocks(theta, roll, completion_mask, kl, stats, weights, mode, band, chi2_in)
+            if dtype != torch.float64:  # (rho_t - 1)^2 overflows float32 beyond log rho = 44 (float64: 354)
+                _variance_sums_rows(theta, roll, completion_mask, kl, stats)
 
-        return _mask_output(mode, stats, weights, (chi2_sum, ratio_m1_sum, chi2_tok_sum), nonfinite, thresholds)
+        return _mask_output(mode, stats, weights, nonfinite, thresholds)
 
 
 def _mask_output(
     mode: str,
     stats: _BlockStats,
     weights: torch.Tensor,
-    variance_sums: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
     nonfinite: str,
     thresholds: dict[str, float | None],
 ) -> TrustRegionMaskOutput:
@@ -222,7 +223,6 @@ def _mask_output(
     k3_mean = stats.k3_sum / n_finite  # (B,)
     rejected_by = _rejections(mode, finite, stats, k3_mean, log_geo, **thresholds)
     keep = _keep_and_zero_rejected(mode, rejected_by, finite, weights, stats.token_weight_sum)
-    chi2_sum, ratio_m1_sum, chi2_tok_sum = variance_sums
     return TrustRegionMaskOutput(
         keep=keep,
         weights=weights,
@@ -239,9 +239,9 @@ def _mask_output(
         token_weight_sum=stats.token_weight_sum,
         kl_tok_max=stats.kl_tok_max,
         kl_tok_sum=stats.kl_tok_sum,
-        chi2_sum=chi2_sum,
-        ratio_m1_sum=ratio_m1_sum,
-        chi2_tok_sum=chi2_tok_sum,
+        chi2_sum=stats.chi2_sum,
+        ratio_m1_sum=stats.ratio_m1_sum,
+        chi2_tok_sum=stats.chi2_tok_sum,
     )
 
 

@@ -60,14 +60,34 @@ class _BlockStats:
     token_weight_sum: torch.Tensor  # sum_t weights[i, t]
     kl_tok_max: torch.Tensor | None
     kl_tok_sum: torch.Tensor | None
+    chi2_sum: torch.Tensor  # float64 sum_t (rho_t - 1)^2
+    ratio_m1_sum: torch.Tensor  # float64 sum_t (rho_t - 1)
+    chi2_tok_sum: torch.Tensor | None  # float64 sum_t chi2_tok
 
     @classmethod
-    def empty(cls, batch: int, dtype: torch.dtype, device: torch.device, with_kl: bool) -> _BlockStats:
+    def empty(
+        cls, batch: int, dtype: torch.dtype, device: torch.device, with_kl: bool, with_chi2_tok: bool = False
+    ) -> _BlockStats:
         def new(kind: torch.dtype = dtype) -> torch.Tensor:
             return torch.zeros(batch, dtype=kind, device=device)  # zeros: the max of an empty row (T = 0) is 0
 
         kl_max, kl_sum = (new(), new()) if with_kl else (None, None)
-        return cls(new(torch.long), new(torch.long), new(), new(), new(), new(), new(), kl_max, kl_sum)
+        f64 = torch.float64
+        chi2_tok = new(f64) if with_chi2_tok else None
+        return cls(
+            new(torch.long),
+            new(torch.long),
+            new(),
+            new(),
+            new(),
+            new(),
+            new(),
+            kl_max,
+            kl_sum,
+            new(f64),
+            new(f64),
+            chi2_tok,
+        )
 
 
 def _fill_row_block(
@@ -79,9 +99,10 @@ def _fill_row_block(
     stop: int,
     stats: _BlockStats,
     weights: torch.Tensor,
-    scratch: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    scratch: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
     mode: str,
     band: tuple[float | None, float | None],
+    chi2_tok: torch.Tensor | None,
     check_finite: bool,
 ) -> None:
     """Statistics and pre-``keep`` weights of rows [start, stop) of `compute_trust_region_mask`, written in place.
@@ -89,9 +110,11 @@ def _fill_row_block(
     ``check_finite=False`` assumes every valid log-prob (and ``kl``) is finite: the valid set is then the completion
     mask. The caller detects rows where that was wrong (their sums are non-finite) and calls again with ``True``,
     which excludes non-finite tokens exactly as the formulas say. Rejected rows' weights are zeroed by the caller.
+    The variance sums (chi^2, surrogate terms, ``chi2_tok``) are accumulated here too, in float64 (one pass over the
+    block; the caller redoes a row in float64 elementwise only where the working dtype overflowed).
     """
     n, length = stop - start, weights.size(1)
-    lr, work, pad = (s[:n] for s in scratch)  # (n, T) views of the scratch tensors
+    lr, work, pad, sq = (s[:n] for s in scratch)  # (n, T) views of the scratch tensors
     torch.eq(completion_mask[start:stop], 0, out=pad)  # (n, T) True on padding
     theta_b, roll_b = theta[start:stop], roll[start:stop]
     if torch.result_type(theta_b, roll_b) == lr.dtype:  # the subtraction runs in the working dtype
@@ -122,7 +145,10 @@ def _fill_row_block(
     torch.sum(lr, dim=-1, out=stats.seq_log_ratio[s])
     if length > 0:  # the max of an empty row stays 0
         torch.amax(torch.abs(lr, out=work), dim=-1, out=stats.log_ratio_abs_max[s])
-    torch.expm1(lr, out=work).sub_(lr)  # (n, T) k3, exactly 0 where lr == 0
+    torch.expm1(lr, out=work)  # (n, T) rho_t - 1, exactly 0 off the valid set
+    torch.sum(work, dim=-1, dtype=torch.float64, out=stats.ratio_m1_sum[s])
+    torch.sum(torch.mul(work, work, out=sq), dim=-1, dtype=torch.float64, out=stats.chi2_sum[s])
+    work.sub_(lr)  # (n, T) k3, exactly 0 where lr == 0
     torch.sum(work, dim=-1, out=stats.k3_sum[s])
     if length > 0:
         torch.amax(work, dim=-1, out=stats.k3_max[s])
@@ -131,6 +157,10 @@ def _fill_row_block(
         torch.sum(work, dim=-1, out=stats.kl_tok_sum[s])
         if length > 0:
             torch.amax(work, dim=-1, out=stats.kl_tok_max[s])
+    if chi2_tok is not None:  # in its own dtype (float64 values may overflow float32), summed in float64
+        torch.sum(
+            chi2_tok[start:stop].masked_fill(invalid, 0.0), dim=-1, dtype=torch.float64, out=stats.chi2_tok_sum[s]
+        )
 
     w = weights[start:stop]  # (n, T) slice of the returned weights
     lo, hi = band
@@ -173,6 +203,7 @@ def fill_row_blocks(
     weights: torch.Tensor,
     mode: str,
     band: tuple[float | None, float | None],
+    chi2_tok: torch.Tensor | None = None,
 ) -> None:
     """Fill ``stats`` (B,) and the pre-``keep`` ``weights`` (B, T) of every row, block by block, in the dtype of
     ``weights``: a fast pass that assumes every valid log-prob (and ``kl``) is finite, then the per-token finiteness
@@ -185,11 +216,12 @@ def fill_row_blocks(
         torch.empty(rows, length_t, dtype=dtype, device=device),  # (rows, T) log-ratios
         torch.empty(rows, length_t, dtype=dtype, device=device),  # (rows, T) k3, |log rho|, kl_tok
         torch.empty(rows, length_t, dtype=torch.bool, device=device),  # (rows, T) padding
+        torch.empty(rows, length_t, dtype=dtype, device=device),  # (rows, T) (rho_t - 1)^2
     )
 
     def fill(start: int, stop: int, check_finite: bool) -> None:
         _fill_row_block(
-            theta, roll, completion_mask, kl, start, stop, stats, weights, scratch, mode, band, check_finite
+            theta, roll, completion_mask, kl, start, stop, stats, weights, scratch, mode, band, chi2_tok, check_finite
         )
 
     # Fast pass: assumes every valid log-prob (and kl_tok) is finite, so the valid set is the completion mask.
