@@ -90,6 +90,33 @@ class _BlockStats:
         )
 
 
+def _fill_block_weights(
+    w: torch.Tensor,
+    lr: torch.Tensor,
+    pad: torch.Tensor,
+    stats: _BlockStats,
+    s: slice,
+    mode: str,
+    band: tuple[float | None, float | None],
+) -> None:
+    """The pre-``keep`` weights of one row block, written into ``w`` (n, T) (a slice of the returned weights), and
+    their row sums; ``lr`` (n, T) is log rho (0 off the valid set), ``pad`` (n, T) True on padding."""
+    n, length = w.shape
+    lo, hi = band
+    if mode == "token_tis":
+        torch.clamp(lr, min=lo, max=hi, out=w).exp_()  # rho_t truncated to the band
+    elif mode == "token_mis":
+        torch.eq(torch.clamp(lr, min=lo, max=hi, out=w), lr, out=w)  # 1 inside the band [lo, hi], else 0
+    elif mode == "seq_tis":
+        seq_w = torch.exp(stats.seq_log_ratio[s].clamp(min=lo, max=hi))  # (n,)
+        w.copy_(seq_w.unsqueeze(-1).expand(n, length))
+    if mode in ("token_tis", "token_mis", "seq_tis"):
+        w.masked_fill_(pad, 0.0)
+    else:  # sequence masks and `none`: the completion mask, zeroed afterwards on rejected rows
+        torch.logical_not(pad, out=w)
+    torch.sum(w, dim=-1, out=stats.token_weight_sum[s])
+
+
 def _fill_row_block(
     theta: torch.Tensor,
     roll: torch.Tensor,
@@ -162,20 +189,7 @@ def _fill_row_block(
             chi2_tok[start:stop].masked_fill(invalid, 0.0), dim=-1, dtype=torch.float64, out=stats.chi2_tok_sum[s]
         )
 
-    w = weights[start:stop]  # (n, T) slice of the returned weights
-    lo, hi = band
-    if mode == "token_tis":
-        torch.clamp(lr, min=lo, max=hi, out=w).exp_()  # rho_t truncated to the band
-    elif mode == "token_mis":
-        torch.eq(torch.clamp(lr, min=lo, max=hi, out=w), lr, out=w)  # 1 inside the band [lo, hi], else 0
-    elif mode == "seq_tis":
-        seq_w = torch.exp(stats.seq_log_ratio[s].clamp(min=lo, max=hi))  # (n,)
-        w.copy_(seq_w.unsqueeze(-1).expand(n, length))
-    if mode in ("token_tis", "token_mis", "seq_tis"):
-        w.masked_fill_(pad, 0.0)
-    else:  # sequence masks and `none`: the completion mask, zeroed afterwards on rejected rows
-        torch.logical_not(pad, out=w)
-    torch.sum(w, dim=-1, out=stats.token_weight_sum[s])
+    _fill_block_weights(weights[start:stop], lr, pad, stats, s, mode, band)
 
 
 @contextlib.contextmanager
