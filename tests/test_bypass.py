@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from test_estimator import LOSS_TYPES, _batch, _logs, _train, shifted_rollout
-from trainer_kwargs import base_config_kwargs
+from trainer_kwargs import base_config_kwargs, trl_policy_loss
 
 from trl_trm import TRMConfig
 
@@ -24,29 +24,8 @@ MODES = {
 
 def _reference(trainer, batch, logps, weights):
     """TRL 1.16's per-token losses written out with π_old = π_roll, the advantages times the 0/1 mask."""
-    args = trainer.args
-    mask = batch["completion_mask"].float()
     adv = batch["advantages"][:, None] * weights  # (B, T)
-    coef_1 = torch.exp(logps - batch["sampling_per_token_logps"])  # π_θ / π_roll
-    if args.loss_type == "cispo":
-        per_token = -torch.clamp(coef_1, max=trainer.epsilon_high).detach() * adv * logps
-    elif args.loss_type == "sapo":
-        tau = torch.where(adv > 0, args.sapo_temperature_pos, args.sapo_temperature_neg)
-        per_token = -torch.sigmoid(tau * (coef_1 - 1)) * 4 / tau * adv
-    else:
-        coef_2 = torch.clamp(coef_1, 1 - trainer.epsilon_low, 1 + trainer.epsilon_high)
-        per_token = -torch.min(coef_1 * adv, coef_2 * adv)
-    if args.loss_type in ("grpo", "sapo"):
-        return ((per_token * mask).sum(-1) / mask.sum(-1)).mean()
-    if args.loss_type == "bnpo":
-        return (per_token * mask).sum() / mask.sum()
-    if args.loss_type == "dr_grpo":
-        return (per_token * mask).sum() / (mask.size(0) * args.max_completion_length)
-    if args.loss_type in ("dapo", "cispo"):
-        return (per_token * mask).sum() / batch["num_items_in_batch"]
-    if args.loss_type == "luspo":
-        return (per_token * mask).sum(-1).mean()
-    raise AssertionError(args.loss_type)
+    return trl_policy_loss(trainer, batch, logps, batch["sampling_per_token_logps"], adv)
 
 
 def _grads(model):

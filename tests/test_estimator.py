@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from trainer_kwargs import base_config_kwargs, length_reward, loss_batch
+from trainer_kwargs import base_config_kwargs, length_reward, loss_batch, trl_policy_loss
 
 LOSS_TYPES = ["dapo", "grpo", "bnpo", "dr_grpo", "cispo", "sapo", "luspo"]
 ACCEPT_ALL = dict(trm_delta_max=10.0, trm_delta_avg=None)
@@ -178,31 +178,10 @@ def _batch(trainer, c=0.3, old_shift=None, reject_rows=()):
 
 def _reference(trainer, batch, logps, kept):
     """TRL 1.16's per-token losses written out, with the estimator's weight w_t = M_i · π_old/π_roll applied to A."""
-    args = trainer.args
-    mask = batch["completion_mask"].float()
     old = batch.get("old_per_token_logps", logps.detach())
     w = torch.exp(old - batch["sampling_per_token_logps"]) * torch.tensor(kept, dtype=torch.float32)[:, None]
     adv = batch["advantages"][:, None] * w  # (B, T)
-    coef_1 = torch.exp(logps - old)
-    if args.loss_type == "cispo":
-        per_token = -torch.clamp(coef_1, max=trainer.epsilon_high).detach() * adv * logps
-    elif args.loss_type == "sapo":
-        tau = torch.where(adv > 0, args.sapo_temperature_pos, args.sapo_temperature_neg)
-        per_token = -torch.sigmoid(tau * (coef_1 - 1)) * 4 / tau * adv
-    else:
-        coef_2 = torch.clamp(coef_1, 1 - trainer.epsilon_low, 1 + trainer.epsilon_high)
-        per_token = -torch.min(coef_1 * adv, coef_2 * adv)
-    if args.loss_type in ("grpo", "sapo"):
-        return ((per_token * mask).sum(-1) / mask.sum(-1)).mean()
-    if args.loss_type == "bnpo":
-        return (per_token * mask).sum() / mask.sum()
-    if args.loss_type == "dr_grpo":
-        return (per_token * mask).sum() / (mask.size(0) * args.max_completion_length)
-    if args.loss_type in ("dapo", "cispo"):
-        return (per_token * mask).sum() / batch["num_items_in_batch"]
-    if args.loss_type == "luspo":
-        return (per_token * mask).sum(-1).mean()
-    raise AssertionError(args.loss_type)
+    return trl_policy_loss(trainer, batch, logps, old, adv)
 
 
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)

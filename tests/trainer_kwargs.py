@@ -108,3 +108,32 @@ def torchrun(nproc: int = 2) -> list[str]:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port)]
+
+
+def trl_policy_loss(trainer, batch, logps, old_logps, advantages):
+    """TRL 1.16's policy loss written out by hand (no KL term): per-token losses of ``trainer.args.loss_type`` with
+    the ratio ``exp(logps - old_logps)`` and the (B, T) ``advantages``, reduced as that loss type reduces them."""
+    import torch
+
+    args, adv = trainer.args, advantages
+    mask = batch["completion_mask"].float()
+    coef_1 = torch.exp(logps - old_logps)
+    if args.loss_type == "cispo":
+        per_token = -torch.clamp(coef_1, max=trainer.epsilon_high).detach() * adv * logps
+    elif args.loss_type == "sapo":
+        tau = torch.where(adv > 0, args.sapo_temperature_pos, args.sapo_temperature_neg)
+        per_token = -torch.sigmoid(tau * (coef_1 - 1)) * 4 / tau * adv
+    else:
+        coef_2 = torch.clamp(coef_1, 1 - trainer.epsilon_low, 1 + trainer.epsilon_high)
+        per_token = -torch.min(coef_1 * adv, coef_2 * adv)
+    if args.loss_type in ("grpo", "sapo"):
+        return ((per_token * mask).sum(-1) / mask.sum(-1)).mean()
+    if args.loss_type == "bnpo":
+        return (per_token * mask).sum() / mask.sum()
+    if args.loss_type == "dr_grpo":
+        return (per_token * mask).sum() / (mask.size(0) * args.max_completion_length)
+    if args.loss_type in ("dapo", "cispo"):
+        return (per_token * mask).sum() / batch["num_items_in_batch"]
+    if args.loss_type == "luspo":
+        return (per_token * mask).sum(-1).mean()
+    raise AssertionError(args.loss_type)
