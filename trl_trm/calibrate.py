@@ -204,13 +204,18 @@ class StartupCalibration:
         """:meth:`run`, then seed the adaptive controller (`trm_target_accept_rate`) with the thresholds and put them in
         the first step's logs (`trm/calibrated/<threshold>`, `trm/calibrated/accept_rate`)."""
         thresholds = self.run(trainer, inputs)
-        if trainer._trm_adaptive is not None:
-            trainer._trm_adaptive.initial_delta_max = thresholds["delta_max"]
-            trainer._trm_adaptive.initial_delta_avg = thresholds["delta_avg"]
+        self.seed(trainer._trm_adaptive)
         metrics = trainer._metrics["train"]
         for key, value in thresholds.items():
             metrics[f"trm/calibrated/{key}"] = [float("nan") if value is None else value]
         metrics["trm/calibrated/accept_rate"] = [self.accept]
+
+    def seed(self, adaptive) -> None:
+        """Start the adaptive controller (`trm_target_accept_rate`, `trm` only; None: no controller) from the calibrated
+        thresholds, here and on resume alike."""
+        if adaptive is not None:
+            adaptive.initial_delta_max = self.thresholds["delta_max"]
+            adaptive.initial_delta_avg = self.thresholds["delta_avg"]
 
     def state_dict(self) -> dict[str, Any]:
         return {"target": self.target, "batches": self.batches, "mode": self.mode, "thresholds": self.thresholds,

@@ -45,9 +45,7 @@ class TrainerIOSeams:
         super()._load_optimizer_and_scheduler(checkpoint)
         calibration = self._trm_calibration
         if calibration is not None and checkpoint is not None and calibration.load(checkpoint):
-            if self._trm_adaptive is not None:  # seeded from the calibrated thresholds, as when they were set
-                self._trm_adaptive.initial_delta_max = calibration.thresholds["delta_max"]
-                self._trm_adaptive.initial_delta_avg = calibration.thresholds["delta_avg"]
+            calibration.seed(self._trm_adaptive)  # as when the thresholds were set, before the controller's state
         if self._trm_adaptive is not None and checkpoint is not None:
             self._trm_adaptive.load(checkpoint)
 
