@@ -106,6 +106,29 @@ def cell_rows(cell: dict[str, Any]) -> list[str]:
     return rows
 
 
+def overview(payload: dict[str, Any]) -> list[str]:
+    """One row per cell: the positive control, final J of the key methods, the violation share against pi_roll of
+    `none` and `trm`, and the two verdicts."""
+    keys = ("none", "ppo_roll", "token_mis", "seq_tis", "trm", "trm_90", "trm_exact", "ctrl_random", "ctrl_count")
+    lines = [
+        "| cell | positive control (Δ ± SE) | "
+        + " | ".join(f"`{k}`" for k in keys)
+        + " | viol. none / trm | verdict trm | verdict trm_90 |",
+        "|---|---|" + "---|" * (len(keys) + 3),
+    ]
+    for cell in payload["cells"]:
+        m, pc = cell["methods"], cell["control"]
+        flag = "passed" if pc["passed"] else "failed"
+        lines.append(
+            f"| {cell['name']} | {pc['diff']:+.3f} ± {pc['se']:.3f} {flag} | "
+            + " | ".join(f"{np.mean(m[k]['j_final']):.3f}" for k in keys)
+            + f" | {np.mean(m['none']['viol_roll']):.2f} / {np.mean(m['trm']['viol_roll']):.2f} | "
+            + " | ".join(v["verdict"] for v in cell["verdicts"])
+            + " |"
+        )
+    return lines
+
+
 def markdown(payload: dict[str, Any]) -> str:
     """Tables of every cell: positive control, the methods, the verdicts."""
     cfg = payload["config"]
@@ -117,7 +140,16 @@ def markdown(payload: dict[str, Any]) -> str:
         "largest fall | accept rate | updates with no accepted sequence.",
         "",
         "Learning rates (tuned on `none` without mismatch): "
-        + ", ".join(f"{o}: {t['chosen']} (grid {t['grid']})" for o, t in payload["tuning"].items()),
+        + ", ".join(f"{o}: {t['chosen']} (grid {t['grid']})" for o, t in payload["tuning"].items())
+        + "; trm_90 thresholds: "
+        + ", ".join(
+            f"{o}: δ_max {t['trm90']['delta_max']:.3g}, δ_avg {t['trm90']['delta_avg']:.3g}"
+            for o, t in payload["tuning"].items()
+        ),
+        "",
+        "### Overview (final J, mean over seeds)",
+        "",
+        *overview(payload),
         "",
     ]
     for cell in payload["cells"]:

@@ -45,9 +45,9 @@ STEPS = 20
 NUM_SAMPLES = 32
 EPOCHS = 4
 LAMBDAS = (0.1, 0.5, 2.0)
-STALE = (4,)  # drift under reuse: pi_roll is pi_theta of k updates ago (at lambda = STALE_LAMBDA)
+STALE = (4, 8, 16)  # drift under reuse: pi_roll is pi_theta of k updates ago (at lambda = STALE_LAMBDA)
 STALE_LAMBDA = 0.5
-LR_GRID = {"adam": (0.03, 0.1, 0.3), "sgd": (30.0, 100.0, 300.0)}
+LR_GRID = {"adam": (0.1, 0.3, 1.0), "sgd": (3.0, 10.0, 30.0)}
 TUNING_SEEDS = tuple(range(1000, 1008))
 WORKERS = 2
 QUICK = {
