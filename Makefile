@@ -33,8 +33,9 @@ study: $(BIN)/trl-trm
 study-extreme: $(BIN)/trl-trm
 	$(BIN)/python -m experiments.mismatch_study --preset extreme
 
-## Exact long-horizon simulator sweep (experiments/simulator_sweep.py, docs/simulator.md): 7 mismatch settings x
-## T in {16, 128, 1024, 4096} x 8 corrections x 5 seeds; writes experiments/results/simulator_* and docs/simulator/.
+## Exact long-horizon simulator sweep (experiments/simulator_sweep.py, docs/simulator.md; issue 17): support collapse
+## and noise at lambda in {0.1, 0.5, 2}, staleness k in {4, 8, 16}, Adam and SGD, 12 methods x 16 paired seeds, K = 4
+## epochs; ~5 min on 2 cores; writes experiments/results/simulator_* and docs/simulator/*.png.
 sweep: $(BIN)/trl-trm
 	$(BIN)/python -m experiments.simulator_sweep
 
