@@ -368,7 +368,11 @@ def test_auto_clip_and_seq_tis_weights_share_one_pass(make_trainer, monkeypatch)
     trainer._compute_loss(trainer.model, batch)
     assert calls == [1]
     # with the caller's sum, seq_tis reads it and not the (B, T) log-ratios: a sum shifted by 0.1 shifts log w by 0.1
-    old, roll, mask = batch["sampling_per_token_logps"] + 0.3, batch["sampling_per_token_logps"], batch["completion_mask"]
+    old, roll, mask = (
+        batch["sampling_per_token_logps"] + 0.3,
+        batch["sampling_per_token_logps"],
+        batch["completion_mask"],
+    )
     result = compute_trust_region_mask(old, roll, mask, mode="seq_tis", ratio_max=1e6)
     seq = old_seq_log_ratio(old, roll, mask)  # (B,) float64
     plain = estimator_weights(result, old, roll, mask, mode="seq_tis", ratio_max=1e6)
