@@ -196,14 +196,17 @@ def mask_and_weights(
 
 def seq_tis_auto_log_clip(seq_log_ratio: torch.Tensor) -> float:
     """log C* of the Seq-TIS clip that minimises the bias/variance bound of ``003_*``: C* = sqrt(2 (1 + chi2_seq))
-    with chi2_seq = mean_i exp(2 s_i) - 1, so log C* = (log 2 + logsumexp(2 s) - log N) / 2, computed in log space
-    (never exponentiating s). ``seq_log_ratio``: (N,) finite s_i of the batch (non-finite entries are ignored).
-    C* >= sqrt(2) > 1, so the clip band always contains 1. An empty batch gives log sqrt(2)."""
+    with chi2_seq = max(mean_i exp(2 s_i) - 1, 0), so log C* = (log 2 + max(logsumexp(2 s) - log N, 0)) / 2, computed
+    in log space (never exponentiating s). ``seq_log_ratio``: (N,) finite s_i of the batch (non-finite entries are
+    ignored). chi^2 is a divergence, >= 0; its sample estimate falls below 0 when most product ratios are below 1
+    (e.g. the engine put its mass where the trainer does not), and is floored there, so C* >= sqrt(2) > 1 and the
+    clip band always contains 1. An empty batch gives log sqrt(2)."""
     s = seq_log_ratio.detach().double()
     s = s[torch.isfinite(s)]
     if s.numel() == 0:
         return 0.5 * math.log(2.0)
-    return 0.5 * (math.log(2.0) + float(torch.logsumexp(2.0 * s, dim=0)) - math.log(s.numel()))
+    log_second_moment = float(torch.logsumexp(2.0 * s, dim=0)) - math.log(s.numel())  # log(1 + chi2_seq estimate)
+    return 0.5 * (math.log(2.0) + max(log_second_moment, 0.0))
 
 
 def old_seq_log_ratio(old_per_token_logps, sampling_per_token_logps, completion_mask) -> torch.Tensor:
