@@ -61,6 +61,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import trl_trm.row_blocks as row_blocks  # noqa: E402
+from benchmarks.masking_references import trl_sequence_mask, trl_sequence_mask_with_metrics  # noqa: E402
 from trl_trm.masking import TRM_MODES, compute_trust_region_mask  # noqa: E402
 
 SIZES: list[tuple[int, int]] = [(64, 1024), (256, 4096), (256, 8192), (512, 16384)]
@@ -70,6 +71,13 @@ MIB = 2**20
 TARGET_X_FLOOR = 3.0
 TARGET_TEMPORARIES = 4.0
 KL_MODES = ("trm_exact",)  # modes fed the (B, T) `kl_tok` input as well
+# TRL 1.16's `sequence_mask` correction, alone and with the metrics TRL logs beside it (benchmarks/masking_references.py)
+REFERENCES: dict[str, Callable] = {
+    "sequence_mask": trl_sequence_mask,
+    "sequence_mask+metrics": trl_sequence_mask_with_metrics,
+}
+TARGET_VS_TRL = 2.0  # `trm` (every statistic) at least 2x faster than TRL's block with its metrics
+TARGET_TRM_MS = 100.0  # `trm` at (512, 16384), float32, 1 torch thread
 
 
 # ---------------------------------------------------------------------------------------------------- inputs
@@ -201,6 +209,7 @@ def run_case(
     variants: tuple[str, ...] = ("eager",),
     modes: list[str] | None = None,
     warmup: int = 2,
+    references: bool = True,
 ) -> list[dict]:
     """Time the floors and every (variant, mode) (interleaved) and measure each one's peak extra memory."""
     logp_theta, logp_roll, mask, kl_tok = (t.to(DEVICE) for t in make_inputs(batch, length, DTYPES[dtype_name]))
@@ -221,6 +230,8 @@ def run_case(
         return lambda: [t.clone() for t in base_inputs + extra]
 
     def case_fn(variant: str, mode: str) -> Callable[[], object]:
+        if variant == "trl":  # a TRL 1.16 reference block (benchmarks/masking_references.py)
+            return lambda: REFERENCES[mode](logp_theta, logp_roll, mask)
         kwargs = {"kl_tok": kl_tok} if mode in KL_MODES else {}
         return lambda: impls[variant](logp_theta, logp_roll, mask, mode=mode, **kwargs)
 
@@ -228,6 +239,8 @@ def run_case(
     if any(mode in KL_MODES for mode in (modes or TRM_MODES)):  # the floor of a mode that also reads kl_tok
         fns.update({"floor_read+kl": floor_read((kl_tok,)), "floor_clone+kl": floor_clone((kl_tok,))})
     cases = [(variant, mode) for variant in impls for mode in (modes or TRM_MODES)]
+    if references:  # timed in the same interleaved rounds as the modes
+        cases += [("trl", name) for name in REFERENCES]
     errors: dict[tuple[str, str], str] = {}
     for case in cases:
         try:
@@ -305,6 +318,58 @@ def stop_load(procs: list[subprocess.Popen]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- report
+# Every module whose code `compute_trust_region_mask` runs (the facade `masking.py` only re-exports them), so the
+# recorded hash changes whenever the timed code does.
+MASK_CODE = ("masking.py", "masks.py", "row_blocks.py", "diagnostics.py", "modes.py", "estimator.py")
+
+
+def mask_code_sha256() -> str:
+    """sha256 over the mask's modules, in the order of :data:`MASK_CODE` (name and bytes of each)."""
+    digest = hashlib.sha256()
+    for name in MASK_CODE:
+        digest.update(name.encode() + b"\0" + (ROOT / "trl_trm" / name).read_bytes())
+    return digest.hexdigest()
+
+
+def vs_trl_rows(rows: list[dict]) -> list[dict]:
+    """Per (dtype, B, T): `trm` (every statistic) against TRL 1.16's `sequence_mask` block, alone and with its
+    metrics, from the same interleaved rounds."""
+    by_case = {(r["variant"], r["mode"], r["dtype"], r["B"], r["T"]): r for r in rows if "error" not in r}
+    out = []
+    for (variant, mode, dtype, b, t), r in by_case.items():
+        trl = by_case.get(("trl", "sequence_mask", dtype, b, t))
+        trl_metrics = by_case.get(("trl", "sequence_mask+metrics", dtype, b, t))
+        if variant != "eager" or mode != "trm" or trl is None or trl_metrics is None:
+            continue
+        out.append(
+            {
+                "dtype": dtype,
+                "B": b,
+                "T": t,
+                "trm_ms": r["median_ms"],
+                "floor_ms": r["floor_read_ms"],
+                "trl_sequence_mask_ms": trl["median_ms"],
+                "trl_sequence_mask_metrics_ms": trl_metrics["median_ms"],
+                "speedup_vs_trl_metrics": trl_metrics["median_ms"] / r["median_ms"],
+                "speedup_vs_trl": trl["median_ms"] / r["median_ms"],
+            }
+        )
+    return out
+
+
+def vs_trl_table(rows: list[dict]) -> str:
+    out = "| dtype | B | T | `trm`, every statistic ms (x floor) | TRL `sequence_mask` ms | TRL + its metrics ms "
+    out += "| TRL + metrics / `trm` |\n|---|---:|---:|---:|---:|---:|---:|\n"
+    for r in rows:
+        flag = "" if r["speedup_vs_trl_metrics"] >= TARGET_VS_TRL else " ✗"
+        out += (
+            f"| {r['dtype']} | {r['B']} | {r['T']} | {r['trm_ms']:.1f} ({r['trm_ms'] / r['floor_ms']:.1f}) "
+            f"| {r['trl_sequence_mask_ms']:.1f} | {r['trl_sequence_mask_metrics_ms']:.1f} "
+            f"| {r['speedup_vs_trl_metrics']:.2f}{flag} |\n"
+        )
+    return out
+
+
 def machine_info() -> dict:
     cpu = "unknown"
     try:
@@ -315,7 +380,6 @@ def machine_info() -> dict:
                     break
     except OSError:
         pass
-    masking_py = ROOT / "trl_trm" / "masking.py"
     return {
         "cpu_model": cpu,
         "logical_cpus": os.cpu_count(),
@@ -323,7 +387,8 @@ def machine_info() -> dict:
         "torch_version": torch.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "masking_py_sha256": hashlib.sha256(masking_py.read_bytes()).hexdigest(),
+        "mask_code_sha256": mask_code_sha256(),
+        "mask_code_files": list(MASK_CODE),
         "device": str(DEVICE),
         "gpu": torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else None,
     }
@@ -341,7 +406,8 @@ def markdown_table(rows: list[dict]) -> str:
             continue
         x_flag = "" if r["x_floor"] <= TARGET_X_FLOOR else " ✗"
         t_flag = "" if r["temporaries"] <= TARGET_TEMPORARIES else " ✗"
-        mode = r["mode"] if r["variant"] == "eager" else f"{r['mode']} ({r['variant']})"
+        mode = {"eager": r["mode"], "trl": f"TRL 1.16 {r['mode']}"}.get(r["variant"], f"{r['mode']} ({r['variant']})")
+        x_flag = x_flag if r["variant"] == "eager" else ""
         lines.append(
             f"| {mode} | {r['dtype']} | {r['B']} | {r['T']} | {r['median_ms']:.2f} | {r['x_floor']:.1f}{x_flag} "
             f"| {r['peak_extra_mib']:.1f} | {r['temporaries']:.2f}{t_flag} |"
@@ -383,6 +449,18 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--repeats", type=int, default=30, help="timed repetitions per case (after 2 warm-ups)")
     parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads for the whole run (the references included; default: torch's). The issue's "
+        "protocol is --threads 1",
+    )
+    parser.add_argument(
+        "--no-references",
+        action="store_true",
+        help="do not time TRL 1.16's sequence_mask block (alone and with its metrics) beside the modes",
+    )
+    parser.add_argument(
         "--load",
         type=int,
         default=0,
@@ -413,6 +491,8 @@ def main(argv: list[str] | None = None) -> dict:
     DEVICE = torch.device(args.device)
     if DEVICE.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"--device {args.device}: torch.cuda.is_available() is False on this machine.")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     if DEVICE.type == "cpu":
         calibrate_memory_method()
@@ -425,6 +505,7 @@ def main(argv: list[str] | None = None) -> dict:
             + ("_compiled" if args.compiled else "")
             + ("_all_threads" if args.all_threads else "")
             + (f"_load{args.load}" if args.load else "")
+            + (f"_threads{args.threads}" if args.threads is not None else "")
             + ("" if DEVICE.type == "cpu" else "_cuda")
             + ("" if args.modes is None else "_" + "-".join(args.modes))
         )
@@ -437,7 +518,17 @@ def main(argv: list[str] | None = None) -> dict:
         for batch, length in sizes:
             for dtype_name in args.dtypes or DTYPES:
                 print(f"... B={batch} T={length} {dtype_name}", file=sys.stderr, flush=True)
-                rows.extend(run_case(batch, length, dtype_name, args.repeats, variants, args.modes))
+                rows.extend(
+                    run_case(
+                        batch,
+                        length,
+                        dtype_name,
+                        args.repeats,
+                        variants,
+                        args.modes,
+                        references=not args.no_references,
+                    )
+                )
     finally:
         stop_load(load_procs)
     elapsed = time.perf_counter() - start
@@ -461,6 +552,19 @@ def main(argv: list[str] | None = None) -> dict:
     print("\nBandwidth floor (one read of each input; int64 mask; `trm_exact` also reads kl_tok):\n")
     print(floor_table(rows))
     print(f"target x floor <= {TARGET_X_FLOOR} (eager): {'met' if met_x else 'NOT met'} (✗ marks a miss)")
+    side = vs_trl_rows(rows)
+    met_trl = bool(side) and all(r["speedup_vs_trl_metrics"] >= TARGET_VS_TRL for r in side)
+    largest = [r for r in side if (r["B"], r["T"]) == SIZES[-1] and r["dtype"] == "float32"]
+    met_ms = None if not largest else largest[0]["trm_ms"] <= TARGET_TRM_MS
+    if side:
+        print("\n`trm` (every statistic) beside TRL 1.16's `sequence_mask` block, same interleaved rounds:\n")
+        print(vs_trl_table(side))
+        print(f"target >= {TARGET_VS_TRL}x faster than TRL's block with metrics: {'met' if met_trl else 'NOT met'}")
+    if met_ms is not None:
+        threads = "1 thread" if torch.get_num_threads() == 1 else f"{torch.get_num_threads()} threads (target is at 1)"
+        print(
+            f"target `trm` <= {TARGET_TRM_MS:.0f} ms at {SIZES[-1]} float32, {threads}: {'met' if met_ms else 'NOT met'}"
+        )
     print(f"target temporaries <= {TARGET_TEMPORARIES} (eager): {'met' if met_t else 'NOT met'}")
 
     report = {
@@ -476,8 +580,19 @@ def main(argv: list[str] | None = None) -> dict:
         else "torch.cuda.max_memory_allocated after reset_peak_memory_stats, minus memory_allocated before",
         "floor": "median time of .sum() of each input: logp_theta, logp_roll, completion_mask (int64), + kl_tok for "
         "trm_exact",
-        "targets": {"x_floor": TARGET_X_FLOOR, "temporaries": TARGET_TEMPORARIES},
-        "targets_met": {"x_floor": met_x, "temporaries": met_t},
+        "targets": {
+            "x_floor": TARGET_X_FLOOR,
+            "temporaries": TARGET_TEMPORARIES,
+            "vs_trl_metrics": TARGET_VS_TRL,
+            "trm_ms_largest_float32": TARGET_TRM_MS,
+        },
+        "targets_met": {
+            "x_floor": met_x,
+            "temporaries": met_t,
+            "vs_trl_metrics": met_trl,
+            "trm_ms_largest_float32": met_ms,
+        },
+        "vs_trl": side,
         "rows": rows,
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)

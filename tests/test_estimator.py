@@ -346,3 +346,38 @@ def test_seq_tis_auto_clip_is_computed_per_batch_and_logged(make_trainer):
     want = -(batch["advantages"].double() * w * lengths).sum() / lengths.sum()
     assert loss.item() == pytest.approx(float(want), rel=1e-5)
     assert float(torch.exp(s).max()) > clip  # the clip binds for the outlier
+
+
+def test_auto_clip_and_seq_tis_weights_share_one_pass(make_trainer, monkeypatch):
+    """`trm_ratio_max="auto"`: the (B,) sum_t log(pi_old/pi_roll) is computed once per batch (issue 22: the clip and
+    the Seq-TIS weights each reduced the (B, T) log-ratios), and the weights use that float64 sum."""
+    import trl_trm.trainer as trainer_module
+    from trl_trm.masking import compute_trust_region_mask, estimator_weights, old_seq_log_ratio
+
+    calls = []
+
+    def counted(*args):
+        calls.append(1)
+        return old_seq_log_ratio(*args)
+
+    monkeypatch.setattr(trainer_module, "old_seq_log_ratio", counted)
+    trainer = make_trainer(bf16=False, loss_type="bnpo", trm_mode="seq_tis", trm_ratio_max="auto")
+    trainer.current_gradient_accumulation_steps = 1
+    trainer.model.train()
+    batch = _batch(trainer, c=0.3, reject_rows=(2,))
+    trainer._compute_loss(trainer.model, batch)
+    assert calls == [1]
+    # with the caller's sum, seq_tis reads it and not the (B, T) log-ratios: a sum shifted by 0.1 shifts log w by 0.1
+    old, roll, mask = (
+        batch["sampling_per_token_logps"] + 0.3,
+        batch["sampling_per_token_logps"],
+        batch["completion_mask"],
+    )
+    result = compute_trust_region_mask(old, roll, mask, mode="seq_tis", ratio_max=1e6)
+    seq = old_seq_log_ratio(old, roll, mask)  # (B,) float64
+    plain = estimator_weights(result, old, roll, mask, mode="seq_tis", ratio_max=1e6)
+    given = estimator_weights(result, old, roll, mask, mode="seq_tis", ratio_max=1e6, old_seq_log_ratio=seq + 0.1)
+    valid = mask.bool()
+    assert torch.allclose(given[valid].log(), plain[valid].log() + 0.1, atol=1e-5)
+    exact = estimator_weights(result, old, roll, mask, mode="seq_tis", ratio_max=1e6, old_seq_log_ratio=seq)
+    assert torch.allclose(exact, plain, rtol=1e-6)

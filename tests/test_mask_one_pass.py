@@ -133,3 +133,27 @@ def test_no_second_pass_over_the_batch(monkeypatch):
     theta, roll = -torch.rand(64, 512), -torch.rand(64, 512)  # (B, T)
     result = compute_trust_region_mask(theta, roll, torch.ones(64, 512), mode="trm")
     assert calls == [] and torch.isfinite(result.chi2_sum).all()
+
+
+@pytest.mark.parametrize("mode", TRM_MODES)
+def test_the_fast_pass_multiplies_by_the_valid_set_exactly(mode):
+    """The fast pass zeroes the padding by multiplying with the 0/1 valid set instead of `masked_fill`: a mask with
+    non-0/1 entries (2, 0.5: still "valid"), padding holding garbage (+-1e4, NaN, inf), and a Seq-TIS row whose product
+    ratio overflows (C = 1e300, no clip in effect: exp(s) = inf, and inf * 0 would be NaN on its padding) give the frozen results."""
+    gen = torch.Generator().manual_seed(3)
+    roll = -3.0 * torch.rand(6, 2000, generator=gen)  # (B, T)
+    theta = roll + 0.05 * torch.randn(6, 2000, generator=gen)  # (B, T)
+    mask = torch.ones(6, 2000)  # (B, T)
+    mask[:, 1500:] = 0.0
+    mask[0, :10] = 2.0
+    mask[1, :10] = 0.5
+    theta[2, 1600], roll[3, 1700], theta[4, 1800] = 1e4, float("nan"), float("inf")  # padding garbage
+    theta[5, :1500] = roll[5, :1500] + 0.5  # s = 750: exp overflows float32
+    kwargs = {"ratio_max": 1e300} if mode in ("seq_tis", "token_tis", "seq_mis") else {}  # log C = 691: no clip
+    if mode == "trm_exact":
+        kwargs["kl_tok"] = torch.rand(6, 2000, generator=gen) * 1e-5
+    new = compute_trust_region_mask(theta, roll, mask, mode=mode, **kwargs)
+    old = frozen_mask_v0.compute_trust_region_mask(theta, roll, mask, mode=mode, **kwargs)
+    _assert_same(new, old, exact_variance=False)
+    assert not new.weights.isnan().any()
+    assert (new.weights[:, 1500:] == 0).all()

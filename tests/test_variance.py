@@ -12,6 +12,8 @@ from trl_trm.masking import (
     compute_trust_region_mask,
     effective_sample_size,
     estimator_weights,
+    mask_and_weights,
+    seq_tis_auto_clip,
     seq_tis_auto_log_clip,
     summarize_mask_stats,
     topk_token_chi2,
@@ -131,6 +133,21 @@ def test_seq_tis_auto_clip_hand_value():
     assert math.exp(seq_tis_auto_log_clip(s)) == pytest.approx(want)
     assert math.exp(seq_tis_auto_log_clip(torch.zeros(5))) == pytest.approx(math.sqrt(2))  # on-policy: sqrt(2)
     assert seq_tis_auto_log_clip(torch.tensor([800.0, 0.0])) == pytest.approx(0.5 * (math.log(2) + 1600 - math.log(2)))
+
+
+def test_seq_tis_auto_clip_floors_a_negative_chi2_estimate():
+    """Most product ratios far below 1 (the engine put its mass where the trainer does not, as under support
+    collapse): the sample estimate of chi2_seq is below 0. chi^2 is a divergence, so it is floored at 0 and C* stays
+    sqrt(2); without the floor C* < 1 and the Seq-TIS band [.., C*] would exclude 1, which the mask refuses."""
+    s = torch.tensor([-7.5, -15.0, 0.0, -7.5, -22.5, -7.5])  # mean exp(2 s) = 1/6: chi2 estimate -5/6
+    assert math.exp(seq_tis_auto_log_clip(s)) == pytest.approx(math.sqrt(2))
+    roll = torch.zeros(6, 3)  # (B, T)
+    old = roll.clone()
+    old[:, 0] = s  # sum_t log(pi_old / pi_roll) = s
+    mask = torch.ones(6, 3)
+    clip = seq_tis_auto_clip(old, roll, mask)
+    result, weights = mask_and_weights(old, roll, old, mask, mode="seq_tis", ratio_max=clip)  # no ValueError
+    assert torch.allclose(weights[:, 0], torch.exp(s.clamp(max=math.log(clip))))
 
 
 def _random_dists(b, t, v, seed):

@@ -18,7 +18,7 @@ def _variance_sums_rows(
     theta: torch.Tensor, roll: torch.Tensor, completion_mask: torch.Tensor, kl: torch.Tensor | None, stats: _BlockStats
 ) -> None:
     """The float64 fallback of the row-block loop's variance sums: rows whose ``stats.chi2_sum`` came out non-finite
-    (rho_t - 1 computed in a float32 working dtype overflows its square beyond log rho = 44; float64 holds to 354)
+    (rho_t - 1 computed in a float32 working dtype overflows beyond log rho = 88.7; its square is taken in float64)
     are recomputed elementwise in float64 by :func:`_variance_sums`, in place. Rare, so the common case costs one
     (B,) check and no second pass over (B, T)."""
     rows = (~torch.isfinite(stats.chi2_sum)).nonzero().flatten()  # (R,)

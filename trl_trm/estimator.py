@@ -35,6 +35,7 @@ def estimator_weights(
     ratio_min: float | None = None,
     ratio_max: float | None = DEFAULT_RATIO_MAX,
     ratio_factor: bool = True,
+    old_seq_log_ratio: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(B, T) per-token weights of the seeds' estimator inside a PPO-style loss whose ratio is r_t = pi_theta/pi_old.
 
@@ -66,6 +67,9 @@ def estimator_weights(
         ratio_min: as in :func:`~trl_trm.masks.compute_trust_region_mask` (the lower end of the TIS truncation band).
         ratio_max: as in :func:`~trl_trm.masks.compute_trust_region_mask` (the TIS truncation, C).
         ratio_factor: multiply the mask modes' 0/1 mask by pi_old/pi_roll (the default, the seeds' estimator).
+        old_seq_log_ratio: (B,) sum_t log(pi_old/pi_roll) over the valid tokens when the caller already has it
+            (:func:`old_seq_log_ratio`, e.g. for the automatic clip); `seq_tis` then uses it instead of summing the
+            (B, T) log-ratios a second time. Ignored by the other modes.
 
     Returns:
         (B, T) weights, float32 (float64 when an input is float64).
@@ -88,7 +92,10 @@ def estimator_weights(
         valid = completion_mask != 0  # (B, T)
         if mode == "seq_tis":
             lo, hi = _weight_band(mode, ratio_min, ratio_max)
-            seq = torch.where(valid, log_w, 0.0).sum(dim=-1)  # (B,) sum_t log(pi_old / pi_roll)
+            if old_seq_log_ratio is None:
+                seq = torch.where(valid, log_w, 0.0).sum(dim=-1)  # (B,) sum_t log(pi_old / pi_roll)
+            else:
+                seq = old_seq_log_ratio.detach().to(dtype)  # (B,) the caller's float64 sum
             weights = torch.exp(seq.clamp(min=lo, max=hi)).unsqueeze(-1).expand_as(log_w)  # (B, T)
             weights = torch.where(valid, weights, 0.0)
         elif mode == "token_tis":
@@ -122,6 +129,7 @@ def mask_and_weights(
     chi2_tok: torch.Tensor | None = None,
     delta_kl: float | None = DEFAULT_DELTA_KL,
     nonfinite: Literal["reject", "raise"] = "reject",
+    old_seq_log_ratio: torch.Tensor | None = None,
 ) -> tuple[TrustRegionMaskOutput, torch.Tensor]:
     """The mask of one batch and the (B, T) loss weights of the seeds' estimator, in one call: the batch entry point
     of the math layer (what the trainer's mask evaluation needs).
@@ -150,6 +158,7 @@ def mask_and_weights(
         ratio_max: a float or None (a caller with an automatic clip resolves it first, e.g. with
             :func:`seq_tis_auto_log_clip`).
         ratio_factor: as in :func:`estimator_weights`.
+        old_seq_log_ratio: as in :func:`estimator_weights`.
 
     Returns:
         ``(result, weights)``: the :class:`~trl_trm.masks.TrustRegionMaskOutput` and the (B, T) weights.
@@ -179,6 +188,7 @@ def mask_and_weights(
         ratio_min=ratio_min,
         ratio_max=ratio_max,
         ratio_factor=ratio_factor,
+        old_seq_log_ratio=old_seq_log_ratio,
     )  # (B, T)
     result.token_weight_sum = weights.sum(dim=-1).to(result.token_weight_sum.dtype)  # (B,) what the loss multiplies
     return result, weights
@@ -186,21 +196,35 @@ def mask_and_weights(
 
 def seq_tis_auto_log_clip(seq_log_ratio: torch.Tensor) -> float:
     """log C* of the Seq-TIS clip that minimises the bias/variance bound of ``003_*``: C* = sqrt(2 (1 + chi2_seq))
-    with chi2_seq = mean_i exp(2 s_i) - 1, so log C* = (log 2 + logsumexp(2 s) - log N) / 2, computed in log space
-    (never exponentiating s). ``seq_log_ratio``: (N,) finite s_i of the batch (non-finite entries are ignored).
-    C* >= sqrt(2) > 1, so the clip band always contains 1. An empty batch gives log sqrt(2)."""
+    with chi2_seq = max(mean_i exp(2 s_i) - 1, 0), so log C* = (log 2 + max(logsumexp(2 s) - log N, 0)) / 2, computed
+    in log space (never exponentiating s). ``seq_log_ratio``: (N,) finite s_i of the batch (non-finite entries are
+    ignored). chi^2 is a divergence, >= 0; its sample estimate falls below 0 when most product ratios are below 1
+    (e.g. the engine put its mass where the trainer does not), and is floored there, so C* >= sqrt(2) > 1 and the
+    clip band always contains 1. An empty batch gives log sqrt(2)."""
     s = seq_log_ratio.detach().double()
     s = s[torch.isfinite(s)]
     if s.numel() == 0:
         return 0.5 * math.log(2.0)
-    return 0.5 * (math.log(2.0) + float(torch.logsumexp(2.0 * s, dim=0)) - math.log(s.numel()))
+    log_second_moment = float(torch.logsumexp(2.0 * s, dim=0)) - math.log(s.numel())  # log(1 + chi2_seq estimate)
+    return 0.5 * (math.log(2.0) + max(log_second_moment, 0.0))
 
 
-def seq_tis_auto_clip(old_per_token_logps, sampling_per_token_logps, completion_mask, gather=None) -> float:
+def old_seq_log_ratio(old_per_token_logps, sampling_per_token_logps, completion_mask) -> torch.Tensor:
+    """(B,) float64 s_i = sum_t log(pi_old/pi_roll) over the valid tokens: the log product ratio that Seq-TIS truncates.
+    One pass over (B, T); the automatic clip and the Seq-TIS weights share it (:func:`estimator_weights`'s
+    ``old_seq_log_ratio``)."""
+    valid = completion_mask != 0  # (B, T)
+    log_w = old_per_token_logps.detach().double() - sampling_per_token_logps.detach().double()  # (B, T)
+    return torch.where(valid, log_w, 0.0).sum(dim=-1)  # (B,)
+
+
+def seq_tis_auto_clip(
+    old_per_token_logps, sampling_per_token_logps, completion_mask, gather=None, seq: torch.Tensor | None = None
+) -> float:
     """`trm_ratio_max="auto"`: C* = sqrt(2 (1 + chi2_seq)) of a batch, from s_i = sum_t log pi_old/pi_roll (the product
     ratio that Seq-TIS truncates; :func:`seq_tis_auto_log_clip`). ``gather``: a function that concatenates the (B,)
-    sums of every process (e.g. `Accelerator.gather`), so every process gets the same clip; None for one process."""
-    valid = completion_mask.bool()
-    log_w = torch.where(valid, old_per_token_logps.detach().double() - sampling_per_token_logps.detach().double(), 0.0)
-    seq = log_w.sum(dim=-1)  # (B,)
+    sums of every process (e.g. `Accelerator.gather`), so every process gets the same clip; None for one process.
+    ``seq``: the (B,) sums when the caller already has them (:func:`old_seq_log_ratio`)."""
+    if seq is None:
+        seq = old_seq_log_ratio(old_per_token_logps, sampling_per_token_logps, completion_mask)  # (B,)
     return math.exp(seq_tis_auto_log_clip(seq if gather is None else gather(seq)))

@@ -31,7 +31,13 @@ from .diagnostics import _topk_distributions as _topk_distributions
 from .diagnostics import _TopKDistributions as _TopKDistributions
 from .diagnostics import _variance_sums as _variance_sums
 from .diagnostics import effective_sample_size, summarize_mask_stats, topk_token_chi2, topk_token_kl
-from .estimator import estimator_weights, mask_and_weights, seq_tis_auto_clip, seq_tis_auto_log_clip
+from .estimator import (
+    estimator_weights,
+    mask_and_weights,
+    old_seq_log_ratio,
+    seq_tis_auto_clip,
+    seq_tis_auto_log_clip,
+)
 from .masks import TrustRegionMaskOutput, compute_trust_region_mask
 from .modes import (
     DEFAULT_DELTA_AVG,
@@ -64,6 +70,7 @@ __all__ = [
     "effective_sample_size",
     "estimator_weights",
     "mask_and_weights",
+    "old_seq_log_ratio",
     "seq_tis_auto_clip",
     "seq_tis_auto_log_clip",
     "summarize_mask_stats",

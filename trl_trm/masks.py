@@ -200,7 +200,7 @@ def compute_trust_region_mask(
         band = _weight_band(mode, ratio_min, ratio_max)
         with one_block_thread(device, batch):
             fill_row_blocks(theta, roll, completion_mask, kl, stats, weights, mode, band, chi2_in)
-            if dtype != torch.float64:  # (rho_t - 1)^2 overflows float32 beyond log rho = 44 (float64: 354)
+            if dtype != torch.float64:  # rho_t - 1 overflows float32 beyond log rho = 88.7 (float64: 709)
                 _variance_sums_rows(theta, roll, completion_mask, kl, stats)
 
         return _mask_output(mode, stats, weights, nonfinite, thresholds)

@@ -93,28 +93,92 @@ class _BlockStats:
 def _fill_block_weights(
     w: torch.Tensor,
     lr: torch.Tensor,
-    pad: torch.Tensor,
+    pad: torch.Tensor | None,
+    valid: torch.Tensor | None,
     stats: _BlockStats,
     s: slice,
     mode: str,
     band: tuple[float | None, float | None],
 ) -> None:
     """The pre-``keep`` weights of one row block, written into ``w`` (n, T) (a slice of the returned weights), and
-    their row sums; ``lr`` (n, T) is log rho (0 off the valid set), ``pad`` (n, T) True on padding."""
+    their row sums; ``lr`` (n, T) is log rho (0 off the valid set). The padding comes either as ``valid`` (n, T), 1.0
+    on completion tokens and 0.0 on padding in the working dtype (the fast pass; in the sequence-mask modes it *is*
+    ``w``), or as ``pad`` (n, T) bool, True on padding (the finiteness-checking pass)."""
     n, length = w.shape
     lo, hi = band
     if mode == "token_tis":
-        torch.clamp(lr, min=lo, max=hi, out=w).exp_()  # rho_t truncated to the band
+        torch.clamp(lr, min=lo, max=hi, out=w).exp_()  # rho_t truncated to the band (1 on padding, where lr = 0)
     elif mode == "token_mis":
         torch.eq(torch.clamp(lr, min=lo, max=hi, out=w), lr, out=w)  # 1 inside the band [lo, hi], else 0
     elif mode == "seq_tis":
         seq_w = torch.exp(stats.seq_log_ratio[s].clamp(min=lo, max=hi))  # (n,)
         w.copy_(seq_w.unsqueeze(-1).expand(n, length))
+        if valid is not None and not bool(torch.isfinite(seq_w).all()):  # inf * 0 would put NaN on the padding
+            pad, valid = torch.eq(valid, 0), None
     if mode in ("token_tis", "token_mis", "seq_tis"):
-        w.masked_fill_(pad, 0.0)
-    else:  # sequence masks and `none`: the completion mask, zeroed afterwards on rejected rows
+        if valid is not None:
+            w.mul_(valid)  # exact: x * 1 = x, and w is finite at every padding position here
+        else:
+            w.masked_fill_(pad, 0.0)
+    elif valid is None:  # sequence masks and `none`: the completion mask, zeroed afterwards on rejected rows
         torch.logical_not(pad, out=w)
+    elif valid.data_ptr() != w.data_ptr():
+        w.copy_(valid)
     torch.sum(w, dim=-1, out=stats.token_weight_sum[s])
+
+
+def _block_log_ratio(theta_b: torch.Tensor, roll_b: torch.Tensor, lr: torch.Tensor, work: torch.Tensor) -> None:
+    """``lr`` (n, T) = theta_b - roll_b in the working dtype of ``lr``."""
+    if torch.result_type(theta_b, roll_b) == lr.dtype:  # the subtraction runs in the working dtype
+        torch.sub(theta_b, roll_b, out=lr)
+    else:  # both inputs narrower (bf16/fp16): widen both first, as `.to(dtype)` would (`lr.sub_(roll_b)` would
+        lr.copy_(theta_b)  # allocate an (n, T) widened copy of roll_b; the scratch `work` is free at this point)
+        lr.sub_(work.copy_(roll_b))
+
+
+def _block_valid_set(
+    completion_mask: torch.Tensor,
+    kl: torch.Tensor | None,
+    lr: torch.Tensor,
+    work: torch.Tensor,
+    pad: torch.Tensor,
+    valid: torch.Tensor,
+    stats: _BlockStats,
+    s: slice,
+    check_finite: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """T_i and the finite counts of rows ``s``, and ``lr`` zeroed off the valid set. Returns ``(valid, None)`` in
+    the fast pass (``check_finite=False``) and ``(None, invalid)`` in the checking pass, ``invalid`` (n, T) True off
+    the valid set (which also leaves ``pad`` (n, T) True on padding).
+
+    Fast pass: ``valid`` = [completion_mask != 0] as 0.0/1.0 in the working dtype; ``lr *= valid`` gives exactly
+    ``lr`` on valid tokens and a zero (possibly -0.0, which every sum, max and exp treats as 0) on padding. A NaN or
+    inf on the padding survives the product, makes the row's sums non-finite, and sends the row to the checking pass,
+    which selects it away exactly (``masked_fill``), as the module's contract says."""
+    length = lr.size(1)
+    if not check_finite:
+        torch.ne(completion_mask[s], 0, out=pad)  # (n, T) bool, True on completion tokens (reused as scratch)
+        valid.copy_(pad.view(torch.uint8))  # 1.0 / 0.0 (a uint8 source converts ~5x faster than a bool one here)
+        if length < 2**24:  # float counts are exact below 2**24
+            torch.sum(valid, dim=-1, out=stats.k3_sum[s])  # k3_sum as (n,) scratch
+            stats.length[s].copy_(stats.k3_sum[s])  # T_i
+        else:
+            torch.sum(torch.ne(completion_mask[s], 0), dim=-1, out=stats.length[s])
+        stats.num_finite[s].copy_(stats.length[s])
+        lr.mul_(valid)
+        return valid, None
+    torch.eq(completion_mask[s], 0, out=pad)  # (n, T) True on padding
+    torch.sum(pad, dim=-1, out=stats.length[s])
+    stats.length[s].neg_().add_(length)  # T_i = T - padding
+    invalid = ~torch.isfinite(lr)  # (n, T)
+    if kl is not None:
+        work.copy_(kl[s])  # kl in the working dtype: a float64 value can overflow float32
+        invalid |= ~torch.isfinite(work)
+    invalid |= pad
+    torch.sum(invalid, dim=-1, out=stats.num_finite[s])
+    stats.num_finite[s].neg_().add_(length)
+    lr.masked_fill_(invalid, 0.0)  # exact zeros off the valid set
+    return None, invalid
 
 
 def _fill_row_block(
@@ -126,7 +190,7 @@ def _fill_row_block(
     stop: int,
     stats: _BlockStats,
     weights: torch.Tensor,
-    scratch: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    scratch: tuple[torch.Tensor, ...],
     mode: str,
     band: tuple[float | None, float | None],
     chi2_tok: torch.Tensor | None,
@@ -134,62 +198,45 @@ def _fill_row_block(
 ) -> None:
     """Statistics and pre-``keep`` weights of rows [start, stop) of `compute_trust_region_mask`, written in place.
 
-    ``check_finite=False`` assumes every valid log-prob (and ``kl``) is finite: the valid set is then the completion
-    mask. The caller detects rows where that was wrong (their sums are non-finite) and calls again with ``True``,
-    which excludes non-finite tokens exactly as the formulas say. Rejected rows' weights are zeroed by the caller.
-    The variance sums (chi^2, surrogate terms, ``chi2_tok``) are accumulated here too, in float64 (one pass over the
-    block; the caller redoes a row in float64 elementwise only where the working dtype overflowed).
+    ``check_finite=False`` assumes every valid log-prob (and ``kl``) and every padding value is finite: the valid set
+    is then the completion mask. The caller detects rows where that was wrong (their sums are non-finite) and calls
+    again with ``True``, which excludes non-finite tokens exactly as the formulas say. Rejected rows' weights are
+    zeroed by the caller. Every statistic, including the variance sums (chi^2, surrogate terms, ``chi2_tok``, in
+    float64), is accumulated here, in one pass over the block; the caller redoes a row in float64 elementwise only
+    where the working dtype overflowed.
     """
-    n, length = stop - start, weights.size(1)
-    lr, work, pad, sq = (s[:n] for s in scratch)  # (n, T) views of the scratch tensors
-    torch.eq(completion_mask[start:stop], 0, out=pad)  # (n, T) True on padding
-    theta_b, roll_b = theta[start:stop], roll[start:stop]
-    if torch.result_type(theta_b, roll_b) == lr.dtype:  # the subtraction runs in the working dtype
-        torch.sub(theta_b, roll_b, out=lr)
-    else:  # both inputs narrower (bf16/fp16): widen both first, as `.to(dtype)` would (`lr.sub_(roll_b)` would
-        lr.copy_(theta_b)  # allocate an (n, T) widened copy of roll_b; the scratch `work` is free at this point)
-        lr.sub_(work.copy_(roll_b))
+    n = stop - start
+    lr, work, pad, wide, valid_scratch = (t[:n] for t in scratch)  # (n, T) views of the scratch tensors
     s = slice(start, stop)
-    if length < 2**24:  # count in the float scratch: exact below 2**24, and no (n, T) int64 copy of a bool sum
-        torch.sum(torch.logical_not(pad, out=work), dim=-1, out=stats.k3_sum[s])  # k3_sum as (n,) scratch
-        stats.length[s].copy_(stats.k3_sum[s])  # T_i
-    else:
-        torch.sum(pad, dim=-1, out=stats.length[s])
-        stats.length[s].neg_().add_(length)  # T_i = T - padding
-    invalid = pad
-    if check_finite:
-        invalid = ~torch.isfinite(lr)  # (n, T)
-        if kl is not None:
-            work.copy_(kl[start:stop])  # kl in the working dtype: a float64 value can overflow float32
-            invalid |= ~torch.isfinite(work)
-        invalid |= pad
-        torch.sum(invalid, dim=-1, out=stats.num_finite[s])
-        stats.num_finite[s].neg_().add_(length)
-    else:
-        stats.num_finite[s].copy_(stats.length[s])
-    lr.masked_fill_(invalid, 0.0)  # exact zeros off the valid set
+    _block_log_ratio(theta[s], roll[s], lr, work)
+    w = weights[s]
+    valid = w if mode not in ("token_tis", "token_mis", "seq_tis") else valid_scratch  # mask modes: weights = valid
+    valid, invalid = _block_valid_set(completion_mask, kl, lr, work, pad, valid, stats, s, check_finite)
 
     torch.sum(lr, dim=-1, out=stats.seq_log_ratio[s])
-    if length > 0:  # the max of an empty row stays 0
+    if lr.size(1) > 0:  # the max of an empty row stays 0
         torch.amax(torch.abs(lr, out=work), dim=-1, out=stats.log_ratio_abs_max[s])
     torch.expm1(lr, out=work)  # (n, T) rho_t - 1, exactly 0 off the valid set
-    torch.sum(work, dim=-1, dtype=torch.float64, out=stats.ratio_m1_sum[s])
-    torch.sum(torch.mul(work, work, out=sq), dim=-1, dtype=torch.float64, out=stats.chi2_sum[s])
+    torch.sum(wide.copy_(work), dim=-1, out=stats.ratio_m1_sum[s])  # in float64 (one widening, no allocation)
+    torch.sum(wide.square_(), dim=-1, out=stats.chi2_sum[s])  # (rho_t - 1)^2 in float64: finite for finite rho_t
     work.sub_(lr)  # (n, T) k3, exactly 0 where lr == 0
     torch.sum(work, dim=-1, out=stats.k3_sum[s])
-    if length > 0:
+    if lr.size(1) > 0:
         torch.amax(work, dim=-1, out=stats.k3_max[s])
     if kl is not None:
-        work.copy_(kl[start:stop]).masked_fill_(invalid, 0.0)  # (n, T)
+        work.copy_(kl[s])  # (n, T)
+        if valid is not None:
+            work.mul_(valid)
+        else:
+            work.masked_fill_(invalid, 0.0)
         torch.sum(work, dim=-1, out=stats.kl_tok_sum[s])
-        if length > 0:
+        if lr.size(1) > 0:
             torch.amax(work, dim=-1, out=stats.kl_tok_max[s])
     if chi2_tok is not None:  # in its own dtype (float64 values may overflow float32), summed in float64
-        torch.sum(
-            chi2_tok[start:stop].masked_fill(invalid, 0.0), dim=-1, dtype=torch.float64, out=stats.chi2_tok_sum[s]
-        )
+        off = torch.eq(valid, 0) if valid is not None else invalid
+        torch.sum(chi2_tok[s].masked_fill(off, 0.0), dim=-1, dtype=torch.float64, out=stats.chi2_tok_sum[s])
 
-    _fill_block_weights(weights[start:stop], lr, pad, stats, s, mode, band)
+    _fill_block_weights(w, lr, None if valid is not None else pad, valid, stats, s, mode, band)
 
 
 @contextlib.contextmanager
@@ -230,7 +277,8 @@ def fill_row_blocks(
         torch.empty(rows, length_t, dtype=dtype, device=device),  # (rows, T) log-ratios
         torch.empty(rows, length_t, dtype=dtype, device=device),  # (rows, T) k3, |log rho|, kl_tok
         torch.empty(rows, length_t, dtype=torch.bool, device=device),  # (rows, T) padding
-        torch.empty(rows, length_t, dtype=dtype, device=device),  # (rows, T) (rho_t - 1)^2
+        torch.empty(rows, length_t, dtype=torch.float64, device=device),  # (rows, T) rho_t - 1, then its square
+        torch.empty(rows, length_t, dtype=dtype, device=device),  # (rows, T) 1.0 on valid tokens (token/TIS modes)
     )
 
     def fill(start: int, stop: int, check_finite: bool) -> None:

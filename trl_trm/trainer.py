@@ -16,7 +16,13 @@ from . import moe, topk
 from .callbacks import TRMStatsCallback
 from .config import TRMConfig
 from .loss_inputs import detach_unweighted, old_logps_for, rollout_as_old_policy, weight_loss_inputs
-from .masking import TrustRegionMaskOutput, estimator_weights, mask_and_weights, seq_tis_auto_clip
+from .masking import (
+    TrustRegionMaskOutput,
+    estimator_weights,
+    mask_and_weights,
+    old_seq_log_ratio,
+    seq_tis_auto_clip,
+)
 from .processors import sampler_for_trainer
 from .rollout import RolloutLogprobChecks, record_sampling_logprobs
 from .run_health import RunHealth
@@ -300,17 +306,18 @@ class TRMTrainer(TrainerIOSeams, GRPOTrainer):
         if "tool_mask" in inputs:
             mask = mask * inputs["tool_mask"]
         sampling = inputs["sampling_per_token_logps"]
-        ratio_max = self.args.trm_ratio_max
-        if ratio_max == "auto":
-            ratio_max = self._trm_auto_clip(old_logps, sampling, mask)
-        result, weights = self._trm_mask(mask_logps, inputs, mask, theta_topk, ratio_max, old_logps)
+        ratio_max, old_seq = self.args.trm_ratio_max, None
+        if ratio_max == "auto":  # the (B,) sum_t log π_old/π_roll, once: the clip and the Seq-TIS weights share it
+            old_seq = old_seq_log_ratio(old_logps, sampling, mask)
+            ratio_max = self._trm_auto_clip(old_logps, sampling, mask, old_seq)
+        result, weights = self._trm_mask(mask_logps, inputs, mask, theta_topk, ratio_max, old_logps, old_seq)
         if type(self)._trm_weights is not TRMTrainer._trm_weights:  # the subclass seam
             weights = self._trm_weights(result, old_logps, sampling, mask, ratio_max)  # (B, T)
             result.token_weight_sum = weights.sum(dim=-1).to(result.token_weight_sum.dtype)  # what the loss multiplies
         self._trm_log(result, inputs.get("advantages"), mask)
         return result, weights
 
-    def _trm_mask(self, per_token_logps, inputs, mask, theta_topk, ratio_max, old_logps):
+    def _trm_mask(self, per_token_logps, inputs, mask, theta_topk, ratio_max, old_logps, old_seq=None):
         """``(result, weights)`` of one batch over ``mask`` (B, T), from one call of the math (`mask_and_weights`);
         ``theta_topk`` (B, T, k + 1), log π_θ at the top-k ids and the sampled token, gives the per-token KL and χ²."""
         args, adaptive = self.args, self._trm_adaptive
@@ -320,7 +327,7 @@ class TRMTrainer(TrainerIOSeams, GRPOTrainer):
         if adaptive is not None:
             settings.update(delta_max=adaptive.delta_max, delta_avg=adaptive.delta_avg)
         kl_tok, chi2_tok = topk.topk_kl_terms(inputs, theta_topk, args.trm_mode)  # (B, T) each, or None
-        settings.update(ratio_max=ratio_max, kl_tok=kl_tok, chi2_tok=chi2_tok)
+        settings.update(ratio_max=ratio_max, kl_tok=kl_tok, chi2_tok=chi2_tok, old_seq_log_ratio=old_seq)
         return mask_and_weights(per_token_logps, inputs["sampling_per_token_logps"], old_logps, mask, **settings)
 
     def _trm_weights(self, result, old_logps, sampling, mask, ratio_max) -> torch.Tensor:
@@ -332,9 +339,9 @@ class TRMTrainer(TrainerIOSeams, GRPOTrainer):
         settings = {"mode": args.trm_mode, "ratio_min": args.trm_ratio_min, "ratio_factor": args.trm_ratio_factor}
         return estimator_weights(result, old_logps, sampling, mask, ratio_max=ratio_max, **settings)
 
-    def _trm_auto_clip(self, old_logps, sampling, mask) -> float:
+    def _trm_auto_clip(self, old_logps, sampling, mask, old_seq=None) -> float:
         """`trm_ratio_max="auto"`: this batch's Seq-TIS C* over every process; logged as `trm/seq_tis_clip`."""
-        clip = seq_tis_auto_clip(old_logps, sampling, mask, gather=self.accelerator.gather)
+        clip = seq_tis_auto_clip(old_logps, sampling, mask, gather=self.accelerator.gather, seq=old_seq)
         self._trm_window.add_clip("train" if self.model.training else "eval", clip)
         return clip
 
