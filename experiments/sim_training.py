@@ -103,10 +103,8 @@ def _weights(method: str, spec: RunSpec, lp: torch.Tensor, old: torch.Tensor, ro
     ones = torch.ones(R * n, T, dtype=torch.float64)
     denominator = roll if role == "bypass" else old
     if role == "auto":
-        # The library's "auto" clip, floored at sqrt(2): its docstring promises C* >= sqrt(2), but
-        # C* = sqrt(2 mean exp(2 s)) falls below 1 when most sampled sequences have s << 0 (support collapse), and
-        # the mask then refuses the band (reported in docs/simulator.md; the trainer would raise there).
-        log_c = [max(seq_tis_auto_log_clip((old[r] - roll[r]).sum(-1)), 0.5 * math.log(2.0)) for r in range(R)]
+        # The library's "auto" clip (C* >= sqrt(2): the chi2_seq estimate is floored at 0), per run of the batch.
+        log_c = [seq_tis_auto_log_clip((old[r] - roll[r]).sum(-1)) for r in range(R)]
         ws, keeps = [], []
         for r in range(R):
             res = compute_trust_region_mask(lp[r], roll[r], ones[:n], mode=mode, ratio_max=math.exp(log_c[r]))
