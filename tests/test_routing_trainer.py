@@ -174,3 +174,23 @@ def test_replay_option_must_be_a_bool(tmp_path):
 
     with pytest.raises(ValueError, match="`trm_routing_replay` must be True or False"):
         TRMConfig(**base_config_kwargs(tmp_path, trm_routing_replay="yes"))
+
+
+def test_routes_stay_aligned_across_micro_batches_and_checkpointing(moe_dir, toy_dataset, tmp_path):
+    """A generation batch split into shuffled micro-batches (`steps_per_generation=2`, gradient accumulation), under
+    gradient checkpointing: each row's routes travel with it, so identical engines still agree on every token (a
+    misaligned row would disagree)."""
+    trainer = _trainer(
+        moe_dir,
+        toy_dataset,
+        tmp_path,
+        trm_routing_replay=True,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        steps_per_generation=2,
+        gradient_checkpointing=True,
+        max_steps=2,
+    )
+    trainer.train()
+    logs = [log for log in trainer.state.log_history if "trm/routing_disagree_frac" in log]
+    assert len(logs) == 2 and all(log["trm/routing_disagree_frac"] == 0.0 for log in logs)
