@@ -177,3 +177,15 @@ def test_replay_refuses_unsupported_routers_by_name():
     assert routing.replay_problem(tiny("qwen3_moe")) is None
     dense = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**COMMON))
     assert "no `*TopKRouter`" in routing.replay_problem(dense)
+
+
+def test_replay_without_recorded_routes_is_an_error():
+    """A batch whose generation recorded no routes (a replaced `generate`) cannot be replayed: an error, not a silent
+    no-op; without replay the batch simply carries no routes."""
+    model = tiny("qwen3_moe")
+    batch = {"prompt_ids": torch.zeros(2, 3, dtype=torch.long), "completion_ids": torch.zeros(2, 4, dtype=torch.long)}
+    with pytest.raises(ValueError, match="recorded no routes"):
+        routing.TrainerRouting(model, replay=True).take(dict(batch))
+    plain = dict(batch)
+    routing.TrainerRouting(model, replay=False).take(plain)
+    assert routing.ROUTES_KEY not in plain

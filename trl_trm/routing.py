@@ -269,13 +269,18 @@ class TrainerRouting:
         return pad_routes(rows, prompt_lengths, width - logits_to_keep, width)
 
     def take(self, output: dict[str, Any]) -> None:
-        """Puts the pending routes into the generated batch as ``trm_routes`` (B, P + C, L, k)."""
-        if self.pending is None:
+        """Puts the pending routes into the generated batch as ``trm_routes`` (B, P + C, L, k). With replay, a batch
+        without them is an error: replay would silently not take effect."""
+        pending, self.pending = self.pending, None
+        if pending is None or len(pending[0]) != output["prompt_ids"].size(0):
+            if self.forcer.replay:
+                raise ValueError(
+                    "`trm_routing_replay=True`, but this batch's generation recorded no routes for its rows (was "
+                    "`generate` replaced, or did it not run the model's routers?). Generate with the model's own "
+                    "`generate`, or set `trm_routing_replay=False`."
+                )
             return
-        rows, prompt_lengths = self.pending
-        self.pending = None
-        if len(rows) != output["prompt_ids"].size(0):
-            return
+        rows, prompt_lengths = pending
         prompt_width = output["prompt_ids"].size(1)
         width = prompt_width + output["completion_ids"].size(1)
         routes = pad_routes(rows, prompt_lengths, prompt_width, width)
