@@ -312,8 +312,8 @@ def check_routing_setup(trainer: Any) -> TrainerRouting | None:
     reason = None
     if trainer.use_vllm:
         reason = (
-            "TRL's vLLM generation does not return the experts vLLM routed each token to (vLLM >= 0.32 can report "
-            "them with `enable_return_routed_experts`, but TRL 1.16 neither asks for them nor passes them on)"
+            "TRL's vLLM generation does not return the experts vLLM routed each token to (vLLM reports them with "
+            "`enable_return_routed_experts`, but TRL 1.16 neither asks for them nor passes them on)"
         )
     elif trainer.rollout_func is not None:
         reason = "a `rollout_func` returns no routed experts"
