@@ -194,3 +194,24 @@ def test_routes_stay_aligned_across_micro_batches_and_checkpointing(moe_dir, toy
     trainer.train()
     logs = [log for log in trainer.state.log_history if "trm/routing_disagree_frac" in log]
     assert len(logs) == 2 and all(log["trm/routing_disagree_frac"] == 0.0 for log in logs)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"trm_mask_policy": "generation"},
+        {"trm_old_policy": "rollout", "num_iterations": 2},
+        {"num_iterations": 2},  # TRL's old-log-prob forward runs inside generation, armed with the pending routes
+    ],
+    ids=["mask-at-generation", "bypass", "old-forward"],
+)
+def test_replay_with_the_forwards_inside_generation(moe_dir, toy_dataset, tmp_path, settings):
+    """The forwards run inside generation (TRL's old log-probs, the generation-time mask) are armed with the batch's
+    routes (a size mismatch would raise). The first step is on-policy: identical engines agree on every token. With
+    `num_iterations=2` the second step reuses the batch after an update, so its routes may legitimately differ."""
+    trainer = _trainer(moe_dir, toy_dataset, tmp_path, trm_routing_replay=True, max_steps=2, **settings)
+    trainer.train()
+    logs = [log for log in trainer.state.log_history if "trm/routing_disagree_frac" in log]
+    assert len(logs) == 2 and logs[0]["trm/routing_disagree_frac"] == 0.0
+    if "num_iterations" not in settings:
+        assert logs[1]["trm/routing_disagree_frac"] == 0.0
