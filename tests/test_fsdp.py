@@ -111,3 +111,52 @@ def test_accelerate_ignores_fsdp_on_cpu_without_the_workaround(tiny_model_dir, t
         [tiny_model_dir, str(out), "8", "--fsdp", "--no-cpu-fsdp-workaround"],
         expect_error="has no effect here: Accelerate runs this job as DistributedType.MULTI_CPU",
     )
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_fsdp2_routing_replay_on_a_tiny_moe(tmp_path):
+    """`trm_routing_replay` under FSDP2 (2 processes): the hooks sit on the routers inside the sharded decoder layers,
+    the routes recorded during generation are carried and replayed, and with identical fp32 engines every completion
+    token's routing agrees."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    from trl_trm.tiny import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer()
+    torch.manual_seed(0)
+    config = Qwen3MoeConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=32,
+        moe_intermediate_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        num_experts=4,
+        num_experts_per_tok=2,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=None,
+    )
+    model = Qwen3MoeForCausalLM(config)
+    for layer in model.model.layers:
+        torch.nn.init.normal_(layer.mlp.gate.weight, std=0.5)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(tmp_path / "moe")
+    tok.save_pretrained(tmp_path / "moe")
+    env = {**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1", "OMP_NUM_THREADS": "1"}
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+    out = tmp_path / "two.json"
+    script = [str(SCRIPTS / "fsdp_moe_replay.py"), str(tmp_path / "moe"), str(out)]
+    proc = subprocess.run(cmd + script, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    two = json.loads(out.read_text())
+    assert (two["world"], two["distributed_type"]) == (2, "DistributedType.FSDP")
+    assert two["router_weight_type"] == "DTensor" and two["routers"] == 2
+    assert two["log"]["trm/routing_disagree_frac"] == 0.0

@@ -133,6 +133,11 @@ class TRMConfig(GRPOConfig):
         trm_nonfinite (`str`, defaults to `"reject"`):
             A sequence with a NaN/inf log-prob cannot be certified: `"reject"` rejects it (counted in
             `trm/nonfinite_frac`), `"raise"` stops training with an error.
+        trm_routing_replay (`bool`, defaults to `False`):
+            MoE rollout routing replay (R3): the training forwards use the experts that transformers generation chose
+            for each token and layer (the prefill's for prompt tokens), with the gate weights recomputed over them
+            (differentiable). Qwen2-MoE, Qwen3-MoE, OLMoE, Mixtral and GPT-OSS routers; refused at start-up with
+            vLLM, a `rollout_func`, continuous batching, tools / environments and other routers. See docs/moe.md.
 
     A setting that the chosen `trm_mode` ignores (e.g. `trm_delta_max` with `trm_mode="seq_mis"`, `trm_geo_low` with
     `"trm"`, `trm_adapt_rate` without `trm_target_accept_rate`) is named in one `UserWarning` when the config is
@@ -223,6 +228,13 @@ class TRMConfig(GRPOConfig):
             "choices": ["reject", "raise"],
         },
     )
+    trm_routing_replay: bool = field(
+        default=False,
+        metadata={
+            "help": "MoE: force the experts transformers generation chose (per token and layer) in the training "
+            "forwards, gate weights recomputed over them (rollout routing replay). See docs/moe.md."
+        },
+    )
     trm_target_accept_rate: float | None = field(
         default=None,
         metadata={
@@ -294,6 +306,7 @@ class TRMConfig(GRPOConfig):
             )
         if self.trm_nonfinite not in ("reject", "raise"):
             raise ValueError(f"Unknown `trm_nonfinite` {self.trm_nonfinite!r}. Choose 'reject' or 'raise'.")
+        config_checks.check_routing_replay(self)
         config_checks.check_one_correction(self)
         config_checks.check_old_policy(self)
         config_checks.check_accept_rate_settings(self)

@@ -111,3 +111,10 @@ def parse_ratio_max(config) -> None:
             raise ValueError(
                 f"`trm_ratio_max` must be a number, None or 'auto' (seq_tis), got {config.trm_ratio_max!r}."
             ) from None
+
+
+def check_routing_replay(config) -> None:
+    """`trm_routing_replay` is a bool (the model-dependent refusals run when the trainer is built:
+    `trl_trm.routing.check_routing_setup`)."""
+    if not isinstance(config.trm_routing_replay, bool):
+        raise ValueError(f"`trm_routing_replay` must be True or False, got {config.trm_routing_replay!r}.")

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from trl import GRPOTrainer
 
-from . import moe, topk
+from . import moe, routing, topk
 from .callbacks import TRMStatsCallback
 from .config import TRMConfig
 from .loss_inputs import detach_unweighted, old_logps_for, rollout_as_old_policy, weight_loss_inputs
@@ -46,6 +46,7 @@ class TRMTrainer(TrainerIOSeams, GRPOTrainer):
     * `__init__`: refuses settings under which TRM would be silently wrong; builds the collaborators.
     * `_generate_single_turn`: records the processed sampling log-probs (and top-k) of transformers generation, which
       TRL does not; with vLLM and `trm_rollout_topk`, the sampled token's log-prob by id (`lp[0]` is the top-1's).
+      On an MoE model it also records the experts each token was routed to (`trl_trm.routing`).
     * `_generate`: checks the rollout log-probs before TRL pads them (silently); collects the rollout top-k.
     * `_calculate_rewards`: counts non-finite rewards in TRL's gathered (N, F) tensor (`trm/reward_nonfinite_frac`,
       one warning; no finite reward in a whole run is an error at its end).
@@ -59,7 +60,8 @@ class TRMTrainer(TrainerIOSeams, GRPOTrainer):
       log-probs exist before the advantages are read (TRL has no per-token loss-weight hook): captures π_θ at the
       top-k ids, evaluates the mask, and scales the advantages by the (B, T) weights (`trl_trm.loss_inputs`). With
       `trm_old_policy="rollout"`, TRL's no-grad old-log-prob forward in `_generate_and_score_completions` (the first
-      call there) is not run: a placeholder is returned and dropped from the batch.
+      call there) is not run: a placeholder is returned and dropped from the batch. On an MoE model every forward
+      of a generated batch compares its routes with the rollout's and, with `trm_routing_replay`, uses the rollout's.
     * `log`: reduces the `trm/` window once, before TRL averages its `_metrics` lists.
     * `_get_grad_norm`: records whether each optimizer step's gradient was non-zero.
     * `train`: then one warning and `trm_run_problem` (`trl-trm train` exits 1 on it) when the run could not learn
@@ -104,6 +106,7 @@ class TRMTrainer(TrainerIOSeams, GRPOTrainer):
         """Start-up checks, then the collaborators and the per-run state."""
         args = self.args
         check_trainer_setup(self)  # continuous batching without log-probs, the MoE router loss, FSDP not active
+        self._trm_routing = routing.check_routing_setup(self)  # MoE routes: recorded, compared, replayed (or None)
         self._trm_capture = not self.use_vllm and self.rollout_func is None
         self._trm_checks = RolloutLogprobChecks()
         self._trm_window = MetricsWindow()  # the trm/ statistics since the last log, reduced in `log`
@@ -151,8 +154,14 @@ class TRMTrainer(TrainerIOSeams, GRPOTrainer):
         if not self._trm_capture or self.use_transformers_continuous_batching:
             return super()._generate_single_turn(*turn)
         # Every generation turn (TRL's tool loop calls this once per turn) records its own log-probs, step by step.
-        with record_sampling_logprobs(self.accelerator.unwrap_model(self.model_wrapped), self._trm_topk) as recorder:
+        unwrapped, routes = self.accelerator.unwrap_model(self.model_wrapped), self._trm_routing
+        with (
+            record_sampling_logprobs(unwrapped, self._trm_topk) as recorder,
+            routes.recording(unwrapped) if routes is not None else contextlib.nullcontext() as route_recorder,
+        ):
             completion_ids, logprobs = super()._generate_single_turn(*turn)
+        if routes is not None:
+            routes.generated(route_recorder, prompt_ids, completion_ids)
         if logprobs is None:
             logprobs = self._trm_checks.recorded(recorder, completion_ids, self.args.trm_mode)
         if logprobs is not None and recorder.topk_ids is not None:
@@ -193,6 +202,8 @@ class TRMTrainer(TrainerIOSeams, GRPOTrainer):
             self._trm_skip_old_forward = False
         if self._trm_bypass:
             output.pop("old_per_token_logps", None)  # the skipped forward's placeholder; π_old is π_roll
+        if self._trm_routing is not None:
+            self._trm_routing.take(output)  # (B, P + C, L, k) `trm_routes`, split and shuffled by row with the batch
         pending, self._trm_pending_topk = self._trm_pending_topk, None
         if pending is not None:  # (B, T, k) tensors, right-padded like completion_ids; TRL splits/shuffles by row
             completion_ids = output["completion_ids"]
@@ -232,6 +243,8 @@ class TRMTrainer(TrainerIOSeams, GRPOTrainer):
         attention_mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
         logits_to_keep = output["completion_ids"].size(1)
         capture = topk.head_capture(output, attention_mask, logits_to_keep, batch_size, self._trm_processors)
+        if self._trm_routing is not None:
+            self._trm_routing.arm(output.get(routing.ROUTES_KEY))
         with capture or contextlib.nullcontext():
             logps, _, _ = super()._get_per_token_logps_and_entropies(
                 self.model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size
@@ -266,12 +279,14 @@ class TRMTrainer(TrainerIOSeams, GRPOTrainer):
         batch_size = kw.get("batch_size", a[0] if a else None)
         capture = topk.head_capture(inputs, attention_mask, logits_to_keep, batch_size, self._trm_processors)
         routers = moe.RouterLogitsCapture(model) if inputs is not None and self.aux_loss_enabled else None
+        self._trm_arm_routes(inputs, input_ids, logits_to_keep)
         with capture or contextlib.nullcontext(), routers or contextlib.nullcontext():
             out = super()._get_per_token_logps_and_entropies(
                 model, input_ids, attention_mask, logits_to_keep, *a, **kw
             )
         if inputs is None:
             return out
+        self._trm_count_routes(inputs)
         weights = self._trm_apply(out[0], inputs, *self._trm_head_result(capture))
         logps, entropies, *rest = out
         if routers is not None and weights is not None and rest and rest[0] is not None:  # aux loss over kept tokens
@@ -279,6 +294,20 @@ class TRMTrainer(TrainerIOSeams, GRPOTrainer):
             text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
             rest[0] = moe.masked_aux_loss(routers, text_config, attention_mask, weights, batch_size)
         return (logps, detach_unweighted(entropies, weights), *rest)  # a zero-weight token's entropy: no gradient
+
+    def _trm_arm_routes(self, inputs, input_ids, logits_to_keep) -> None:
+        """MoE: the rollout's routes of this forward's rows (the loss batch's, or the batch being generated), replayed
+        with `trm_routing_replay` and compared with the forward's own (`trl_trm.routing`)."""
+        if self._trm_routing is not None:
+            routes = self._trm_routing.pending_layout(input_ids, logits_to_keep) if inputs is None else None
+            self._trm_routing.arm(inputs.get(routing.ROUTES_KEY) if inputs is not None else routes)
+
+    def _trm_count_routes(self, inputs) -> None:
+        """`trm/routing_disagree_frac` (and per layer) of the loss forward, gathered over processes."""
+        counts = self._trm_routing.counts(inputs) if self._trm_routing is not None else None
+        if counts is not None:
+            gathered = self.accelerator.gather(counts.unsqueeze(0)).sum(dim=0)  # (2 + L,)
+            self._trm_window.add_routing("train" if self.model.training else "eval", gathered)
 
     def _trm_apply(self, per_token_logps, inputs, theta_topk=None, processed_logps=None) -> torch.Tensor | None:
         """Mask the loss forward's batch in place (on the shallow copy `_compute_loss` made) and return the (B, T)

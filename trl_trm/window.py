@@ -69,6 +69,7 @@ class MetricsWindow:
         self._step = [0.0, 0.0]  # kept, counted
         self._rewards = {m: [0, 0] for m in MODES}  # completions with a non-finite reward, completions
         self._reward_nonfinite_seen = {m: False for m in MODES}  # `trm/reward_nonfinite_frac` is logged from then on
+        self._routing: dict[str, torch.Tensor | None] = {m: None for m in MODES}  # (2 + L,) MoE routing counts
 
     def add_sequences(self, mode: str, names: list[str], gathered: torch.Tensor) -> None:
         """One micro-batch's statistics, gathered from every process: (N, K) with column j holding ``names[j]``."""
@@ -102,6 +103,13 @@ class MetricsWindow:
         self._rewards[mode][1] += total
         self._reward_nonfinite_seen[mode] |= nonfinite > 0
 
+    def add_routing(self, mode: str, counts: torch.Tensor) -> None:
+        """One batch's global MoE routing counts (2 + L,): counted tokens, tokens whose routing disagrees in at least
+        one layer, then per layer (`trl_trm.routing.TrainerRouting.counts`)."""
+        counts = counts.detach().double().cpu()
+        held = self._routing[mode]
+        self._routing[mode] = counts if held is None or held.shape != counts.shape else held + counts
+
     def add_clip(self, mode: str, clip: float) -> None:
         """One batch's Seq-TIS clip C* (`trm_ratio_max="auto"`)."""
         self._clips[mode].append(clip)
@@ -126,6 +134,12 @@ class MetricsWindow:
         (nonfinite, total), self._rewards[mode] = self._rewards[mode], [0, 0]
         if self._reward_nonfinite_seen[mode] and total > 0:
             out["trm/reward_nonfinite_frac"] = nonfinite / total
+        routing, self._routing[mode] = self._routing[mode], None
+        if routing is not None and routing[0] > 0:
+            out["trm/routing_disagree_frac"] = float(routing[1] / routing[0])
+            out.update(
+                {f"trm/routing_disagree_frac/layer_{i}": float(v / routing[0]) for i, v in enumerate(routing[2:])}
+            )
         thresholds, self._thresholds[mode] = self._thresholds[mode], {}
         out.update({key: _mean(values) for key, values in thresholds.items()})
         return out
