@@ -51,11 +51,10 @@ def estimator_weights(
     | `seq_tis`                                         | exp(clamp(sum_t log(pi_old/pi_roll), log min, log max))   |
     | `none`                                            | the completion mask (no correction)                       |
 
-    With ``ratio_factor=False`` the mask modes give the plain 0/1 mask (the factor is dropped; the truncated TIS
-    weights are unaffected). In `trm` the mask bounds the factor by [e^-delta_max, e^delta_max] when pi_old is the
-    policy the mask was evaluated against (``num_iterations=1``). The weights are exactly 0 on padding and on every
-    rejected sequence (``result.keep`` False, including non-finite ones); a non-finite pi_old at a position that
-    would get a weight rejects its sequence too (weight 0 on the whole row), never a NaN.
+    ``ratio_factor=False``: the mask modes give the plain 0/1 mask (TIS weights unaffected). In `trm` the mask bounds
+    the factor by [e^-delta_max, e^delta_max] when pi_old is the policy it checked (``num_iterations=1``). Weights are
+    exactly 0 on padding and on rejected sequences (``result.keep`` False); a non-finite pi_old where a weight is due
+    rejects its row (weight 0), never a NaN.
 
     Args:
         result: the mask of the same batch (:func:`~trl_trm.masks.compute_trust_region_mask`).
@@ -67,9 +66,8 @@ def estimator_weights(
         ratio_min: as in :func:`~trl_trm.masks.compute_trust_region_mask` (the lower end of the TIS truncation band).
         ratio_max: as in :func:`~trl_trm.masks.compute_trust_region_mask` (the TIS truncation, C).
         ratio_factor: multiply the mask modes' 0/1 mask by pi_old/pi_roll (the default, the seeds' estimator).
-        old_seq_log_ratio: (B,) sum_t log(pi_old/pi_roll) over the valid tokens when the caller already has it
-            (:func:`old_seq_log_ratio`, e.g. for the automatic clip); `seq_tis` then uses it instead of summing the
-            (B, T) log-ratios a second time. Ignored by the other modes.
+        old_seq_log_ratio: (B,) :func:`old_seq_log_ratio` when the caller has it (the automatic clip): `seq_tis`
+            reads it instead of reducing the (B, T) log-ratios again; other modes ignore it.
 
     Returns:
         (B, T) weights, float32 (float64 when an input is float64).
@@ -157,8 +155,7 @@ def mask_and_weights(
         nonfinite: as in :func:`~trl_trm.masks.compute_trust_region_mask`.
         ratio_max: a float or None (a caller with an automatic clip resolves it first, e.g. with
             :func:`seq_tis_auto_log_clip`).
-        ratio_factor: as in :func:`estimator_weights`.
-        old_seq_log_ratio: as in :func:`estimator_weights`.
+        ratio_factor, old_seq_log_ratio: as in :func:`estimator_weights`.
 
     Returns:
         ``(result, weights)``: the :class:`~trl_trm.masks.TrustRegionMaskOutput` and the (B, T) weights.
