@@ -62,9 +62,7 @@ def estimator_weights(
             (detached) when TRL computes none. Detached here.
         sampling_per_token_logps: (B, T) log pi_roll.
         completion_mask: (B, T) 1 on valid tokens.
-        mode: as in :func:`~trl_trm.masks.compute_trust_region_mask`.
-        ratio_min: as in :func:`~trl_trm.masks.compute_trust_region_mask` (the lower end of the TIS truncation band).
-        ratio_max: as in :func:`~trl_trm.masks.compute_trust_region_mask` (the TIS truncation, C).
+        mode, ratio_min, ratio_max: as in :func:`~trl_trm.masks.compute_trust_region_mask` (the TIS band, C).
         ratio_factor: multiply the mask modes' 0/1 mask by pi_old/pi_roll (the default, the seeds' estimator).
         old_seq_log_ratio: (B,) :func:`old_seq_log_ratio` when the caller has it (the automatic clip): `seq_tis`
             reads it instead of reducing the (B, T) log-ratios again; other modes ignore it.
