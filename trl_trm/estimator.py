@@ -51,10 +51,8 @@ def estimator_weights(
     | `seq_tis`                                         | exp(clamp(sum_t log(pi_old/pi_roll), log min, log max))   |
     | `none`                                            | the completion mask (no correction)                       |
 
-    ``ratio_factor=False``: the mask modes give the plain 0/1 mask (TIS weights unaffected). In `trm` the mask bounds
-    the factor by [e^-delta_max, e^delta_max] when pi_old is the policy it checked (``num_iterations=1``). Weights are
-    exactly 0 on padding and on rejected sequences (``result.keep`` False); a non-finite pi_old where a weight is due
-    rejects its row (weight 0), never a NaN.
+    ``ratio_factor=False``: the mask modes give the plain 0/1 mask. Weights are exactly 0 on padding and on rejected
+    sequences; a non-finite pi_old where a weight is due rejects its row (weight 0), never a NaN.
 
     Args:
         result: the mask of the same batch (:func:`~trl_trm.masks.compute_trust_region_mask`).
@@ -62,7 +60,9 @@ def estimator_weights(
             (detached) when TRL computes none. Detached here.
         sampling_per_token_logps: (B, T) log pi_roll.
         completion_mask: (B, T) 1 on valid tokens.
-        mode, ratio_min, ratio_max: as in :func:`~trl_trm.masks.compute_trust_region_mask` (the TIS band, C).
+        mode: as in :func:`~trl_trm.masks.compute_trust_region_mask`.
+        ratio_min: the lower end of the TIS truncation band (as in the mask).
+        ratio_max: the TIS truncation C (as in the mask).
         ratio_factor: multiply the mask modes' 0/1 mask by pi_old/pi_roll (the default, the seeds' estimator).
         old_seq_log_ratio: (B,) :func:`old_seq_log_ratio` when the caller has it (the automatic clip): `seq_tis`
             reads it instead of reducing the (B, T) log-ratios again; other modes ignore it.
@@ -141,19 +141,13 @@ def mask_and_weights(
         sampling_per_token_logps: (B, T) log pi_roll.
         old_per_token_logps: (B, T) log pi_old, the denominator of the loss's ratio r_t.
         completion_mask: (B, T) completion mask (times the tool mask when there is one).
-        mode: as in :func:`~trl_trm.masks.compute_trust_region_mask`.
-        delta_max: as in :func:`~trl_trm.masks.compute_trust_region_mask`.
-        delta_avg: as in :func:`~trl_trm.masks.compute_trust_region_mask`.
-        geo_low: as in :func:`~trl_trm.masks.compute_trust_region_mask`.
-        geo_high: as in :func:`~trl_trm.masks.compute_trust_region_mask`.
-        ratio_min: as in :func:`~trl_trm.masks.compute_trust_region_mask`.
-        kl_tok: as in :func:`~trl_trm.masks.compute_trust_region_mask`.
-        chi2_tok: as in :func:`~trl_trm.masks.compute_trust_region_mask`.
-        delta_kl: as in :func:`~trl_trm.masks.compute_trust_region_mask`.
-        nonfinite: as in :func:`~trl_trm.masks.compute_trust_region_mask`.
         ratio_max: a float or None (a caller with an automatic clip resolves it first, e.g. with
             :func:`seq_tis_auto_log_clip`).
-        ratio_factor, old_seq_log_ratio: as in :func:`estimator_weights`.
+        ratio_factor: as in :func:`estimator_weights`.
+        old_seq_log_ratio: as in :func:`estimator_weights`.
+
+    The other settings (``mode``, the thresholds, ``kl_tok``, ``chi2_tok``, ``nonfinite``) are those of
+    :func:`~trl_trm.masks.compute_trust_region_mask`.
 
     Returns:
         ``(result, weights)``: the :class:`~trl_trm.masks.TrustRegionMaskOutput` and the (B, T) weights.
