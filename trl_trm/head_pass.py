@@ -61,19 +61,21 @@ class HeadExtras:
 
 
 def project_rows(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cd: torch.dtype) -> torch.Tensor:
-    """(r, V) float32 logits ``h @ weight.T + bias`` of one block of rows, projected in ``cd`` (the compute dtype, as
-    TRL's head) one tile of :data:`VOCAB_CHUNK` vocabulary columns at a time, then widened."""
+    """(r, V) float32 logits ``h @ weight.T + bias`` of one block of rows, projected and biased in ``cd`` (the compute
+    dtype) one tile of :data:`VOCAB_CHUNK` vocabulary columns at a time, then widened: TRL's head rounds the same way."""
     vocab = weight.size(0)
     z = torch.empty(h.size(0), vocab, dtype=torch.float32, device=h.device)  # (r, V)
+    if cd == torch.float32:
+        torch.mm(h, weight.detach().t(), out=z)
+        if bias is not None:
+            z += bias.detach()
+        return z
     for v0 in range(0, vocab, VOCAB_CHUNK):
         v1 = min(v0 + VOCAB_CHUNK, vocab)
-        w = weight[v0:v1].detach().to(cd).t()  # (H, chunk)
-        if cd == torch.float32 and v1 - v0 == vocab:
-            torch.mm(h, w, out=z)  # one tile: straight into z
-        else:
-            z[:, v0:v1] = h @ w  # (r, chunk) in the compute dtype, as TRL's head, then widened
+        tile = h @ weight[v0:v1].detach().to(cd).t()  # (r, chunk) in the compute dtype, as TRL's head
         if bias is not None:
-            z[:, v0:v1] += bias[v0:v1].detach().to(cd).float()
+            tile += bias[v0:v1].detach().to(cd)
+        z[:, v0:v1] = tile
     return z
 
 
@@ -176,7 +178,7 @@ class OnePassHead(torch.autograd.Function):
             extras.values = torch.zeros(extras.ids.shape, dtype=torch.float32, device=device)  # (M, K)
             edges = torch.tensor([*starts, n], device=extras.rows.device)
             bounds = torch.searchsorted(extras.rows, edges).tolist()
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(device.type, enabled=False):  # the dtypes are chosen explicitly
             for b, r0 in enumerate(starts):
                 r1 = min(r0 + rows, n)
                 z = _scale_and_cap(project_rows(hidden[r0:r1].detach().to(cd), weight, bias, cd), logit_scale, softcap)
@@ -242,7 +244,8 @@ def _head_backward(hidden, weight, bias, targets, log_z, entropy, g_lp, g_ent, c
     g_lp = None if g_lp is None else g_lp.float()
     g_ent = None if g_ent is None else g_ent.float()
     n, vocab = hidden.size(0), weight.size(0)
-    with gather(weight, bias) if gather is not None else contextlib.nullcontext():
+    gathered = gather(weight, bias) if gather is not None else contextlib.nullcontext()
+    with gathered, torch.autocast(hidden.device.type, enabled=False):  # the dtypes are chosen explicitly
         grad_h = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
