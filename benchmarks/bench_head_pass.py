@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> dict:
     calibrate_memory_method()
     configs = configurations(args.topk, args.chunks)
     if args.only:
-        configs = {k: v for k, v in configs.items() if k == "grpo" or k in args.only}
+        configs = {k: v for k, v in configs.items() if k == "grpo" or k.split("@")[0] in args.only}  # + its chunks
     runs = []
     for vocab in args.vocab:
         shape = dict(vocab=vocab, hidden=args.hidden, layers=args.layers, batch=args.batch, prompt=args.prompt,

@@ -46,9 +46,11 @@ class HeadExtras:
         ids: (M, K) long, < V: the ids to score at each of those rows.
         processors: the sampler's processors (the log-probs are then the processed distribution's, at the
             processors' own temperature), or None (the loss temperature only).
-        first_seen, row_sequence, row_position: with a repetition penalty, token v is in row m's context iff
-            ``first_seen[row_sequence[m], v] < row_position[m]`` ((S, V), (M,), (M,) long).
-    After the forward, ``values`` holds the (M, K) float32 log-probs.
+        first_seen: (S, V) long, with a repetition penalty: token v is in row m's context iff
+            ``first_seen[row_sequence[m], v] < row_position[m]``.
+        row_sequence: (M,) long, with a repetition penalty: each row's sequence (index into ``first_seen``).
+        row_position: (M,) long, with a repetition penalty: each row's completion position.
+        values: the (M, K) float32 log-probs, written by the forward.
     """
 
     rows: torch.Tensor
