@@ -29,9 +29,11 @@ from .processors import PROCESSOR_CHUNK_ELEMENTS, SamplerProcessors
 OPTIONAL_OUTPUTS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 """Per-token outputs besides the log-probs, in the order TRL's fused head returns them (computed only when asked)."""
 
-ONE_PASS_CHUNK_ELEMENTS = 1 << 24
-"""Most float32 logits one block of rows holds (64 MiB; the forward's peak is about twice that, the backward's three
-times). Chosen from `benchmarks/bench_head_pass.py` (docs/trm-exact.md, "One pass of the LM head")."""
+ONE_PASS_CHUNK_ELEMENTS = 1 << 22
+"""Most float32 logits one block of rows holds (16 MiB; the forward's peak is about twice that, the backward's three
+times). Chosen from `benchmarks/bench_head_pass.py` on CPU: at V = 32,768 2^21-2^22 were the fastest and 2^24 1.2-1.6x
+slower; at V = 151,936 2^22-2^26 were within the noise of each other and 2^21 or less slower; 2^22 holds 2.5x less
+than 2^24 (docs/trm-exact.md, "One pass of the LM head"). Not measured on a GPU, where fewer, larger blocks may pay."""
 
 VOCAB_CHUNK = 32768
 """Vocabulary columns per projection tile, as TRL's fused head (`_CHUNKED_LOGPROB_CHUNK_SIZE`)."""
