@@ -21,6 +21,10 @@ Each configuration runs in its own fresh process (``--worker``) and is measured 
 Then ``trm`` and ``trm_exact`` are built in one more process and run in turns (``--timing-steps`` each, after one
 warm-up step), so that a change of machine load hits both alike: the median step times and their ratio.
 
+Since issue 22 the ``trm_exact`` step runs the one-pass head (`trl_trm.head_pass`, ``ONE_PASS_CHUNK_ELEMENTS``
+logits per block); "capture alone" still measures the former second projection (``head_logprobs_at``), and the
+results in `results/` predate the change. ``benchmarks/bench_head_pass.py`` compares both against GRPOTrainer.
+
 Configurations: ``trm`` (k = 0); ``trm_exact`` (k = 20, default ``HEAD_CHUNK_ELEMENTS`` = 2**24 logits per block);
 ``trm_exact_small_chunks`` (k = 20, 2**20); and ``dense_reference``: ``trm`` plus a (B, L, V) float32 log-softmax of
 the full logits, computed under ``no_grad`` before the loss and held until the step ends, i.e. what materialised
@@ -160,8 +164,11 @@ def worker(spec: dict) -> dict:
     import trl_trm.lm_head as topk_module
 
     calibrate_memory_method()
-    if "head_chunk_elements" in spec:
-        topk_module.HEAD_CHUNK_ELEMENTS = spec["head_chunk_elements"]  # read at call time
+    if "head_chunk_elements" in spec:  # read at call time: the one-pass head's blocks, and the reference's
+        import trl_trm.head_pass as head_pass
+
+        head_pass.ONE_PASS_CHUNK_ELEMENTS = spec["head_chunk_elements"]
+        topk_module.HEAD_CHUNK_ELEMENTS = spec["head_chunk_elements"]
     trainer, batch, step = setup(spec)
     model = trainer.model
     optimizer_zero = trainer.model.zero_grad

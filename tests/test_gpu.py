@@ -1,5 +1,6 @@
 """CUDA checks (marker `gpu`; `benchmarks/gpu_check.sh` runs them on a GPU machine): masking on CUDA equals CPU,
 the fused-LM-head capture of `trm_exact` on CUDA (TRL's Triton head scores only the completion tokens) equals CPU,
+the one-pass head (`trl_trm.head_pass`) equals TRL's Triton head (outputs and gradients, fp32 and bf16 autocast),
 and a `trm_exact` training step on CUDA gives the CPU step's `trm/` metrics.
 
 ``TRM_GPU_TEST_DEVICE=cpu`` runs the same tests with "cpu" in place of "cuda" (CPU against CPU): the dry run of
@@ -87,6 +88,41 @@ def test_head_logprobs_on_device_equal_cpu(compute_dtype):
     tol = 1e-5 if compute_dtype == torch.float32 else 2e-2  # bf16 matmuls accumulate differently
     torch.testing.assert_close(dev.cpu(), cpu, rtol=tol, atol=tol)
     assert bool((cpu < 0).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_pass_head_on_device_equals_trl_head(dtype):
+    """`trl_trm.head_pass.OnePassHead` against TRL's fused head on the device (Triton on CUDA): log-probs, entropies
+    and the gradients of hidden states and weight, under autocast for bf16 as in training."""
+    from trl.kernels import ChunkedLogProbFunction
+
+    from trl_trm.head_pass import HeadExtras, OnePassHead
+
+    gen = torch.Generator().manual_seed(1)
+    hidden = torch.randn(600, 64, generator=gen).to(DEVICE, dtype).requires_grad_()
+    weight = (0.2 * torch.randn(40000, 64, generator=gen)).to(DEVICE, dtype).requires_grad_()
+    targets = torch.randint(0, 40000, (600,), generator=gen).to(DEVICE)
+    extras = HeadExtras(torch.arange(0, 600, 7, device=DEVICE), torch.randint(0, 40000, (86, 21)).to(DEVICE))
+    up = torch.randn(2, 600, generator=gen).to(DEVICE)
+    outs, grads = [], []
+    for head in ("trl", "ours"):
+        with torch.autocast(torch.device(DEVICE).type, dtype=dtype, enabled=dtype != torch.float32):
+            args = (hidden, weight, None, targets, 0.7)
+            if head == "trl":
+                out = ChunkedLogProbFunction.apply(*args, 32768, None, 1.3, ("log_probs", "entropy"))
+            else:
+                out = OnePassHead.apply(*args, None, 1.3, ("log_probs", "entropy"), extras, None, None)
+        outs.append(out[:2])
+        grads.append(torch.autograd.grad((out[0] * up[0]).sum() + (out[1] * up[1]).sum(), [hidden, weight]))
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for got, want in zip(outs[1], outs[0], strict=True):
+        torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+    for got, want in zip(grads[1], grads[0], strict=True):
+        scale = float(want.float().abs().max())
+        torch.testing.assert_close(
+            got.float(), want.float(), rtol=0, atol=(1e-4 if dtype == torch.float32 else 2e-2) * scale
+        )
+    assert extras.values.device.type == torch.device(DEVICE).type and bool((extras.values < 0).all())
 
 
 @pytest.mark.slow

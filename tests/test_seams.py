@@ -116,3 +116,26 @@ def test_trainer_computes_the_grad_norm_through_get_grad_norm_and_checkpoints_th
     assert "run_dir = self._get_output_dir(trial=trial)" in save and "output_dir = os.path.join(run_dir," in save
     assert "output_dir=run_dir," in save  # rotate_checkpoints of the staging folder: TRMTrainer rotates the real one
     assert "self._get_output_dir(trial=trial)" in inspect.getsource(GRPOTrainer._save_checkpoint)
+
+
+def test_fused_head_call_that_the_one_pass_head_stands_in_for():
+    """`trl_trm.head_pass.OnePassHead` replaces `_ChunkedLogProbFunction.apply` for one loss forward: it relies on the
+    positional arguments TRL passes, the 5-tuple TRL unpacks, the optional outputs GRPOTrainer asks for, and the ZeRO-3
+    gather context it re-enters in the backward (issue 22)."""
+    import trl.trainer.utils as trl_utils
+    from trl.kernels import chunked_logprob
+
+    from trl_trm import head_pass
+    from trl_trm.lm_head import _bind_head_args
+
+    params = list(inspect.signature(chunked_logprob.ChunkedLogProbFunction.forward).parameters)[1:]
+    assert params == list(inspect.signature(_bind_head_args).parameters)  # same names, same order
+    head = inspect.getsource(trl_utils.add_fused_lm_head)
+    assert "per_token = _ChunkedLogProbFunction.apply(" in head
+    assert "log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1 = per_token" in head
+    assert "with autocast_ctx, maybe_gather_lm_head_ctx(weight, bias):" in head  # forward already gathered
+    assert callable(trl_utils.maybe_gather_lm_head_ctx)
+    assert head_pass.OPTIONAL_OUTPUTS == chunked_logprob.OPTIONAL_OUTPUTS
+    assert head_pass.VOCAB_CHUNK == trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE
+    init = inspect.getsource(GRPOTrainer.__init__)
+    assert 'outputs=("log_probs", "entropy")' in init

@@ -1,48 +1,33 @@
-"""π_θ at chosen token ids from TRL's fused LM head, without the (B, T, V) logits: :class:`FusedHeadCapture`.
+"""π_θ at chosen token ids from the loss forward's own LM-head pass, without the (B, T, V) logits: :class:`FusedHeadCapture`.
 
 TRL 1.16 computes the training log-probs with a fused LM head (`trl.trainer.utils.add_fused_lm_head`) that never
-materialises the (B, T, V) logits and returns only the sampled token's log-prob. The narrowest seam is its per-chunk
-helper `_ChunkedLogProbFunction.apply(hidden, weight, bias, targets, temperature, ...)`, looked up as a module global
-of `trl.trainer.utils` at every call: for the duration of one `_get_per_token_logps_and_entropies` call it is wrapped,
-and each call also computes, under `no_grad` and from the same hidden states, weight, temperature, logit scale and
-soft-capping, log-softmax at the ids of every valid completion position (:func:`head_logprobs_at`, in row chunks of at
-most `HEAD_CHUNK_ELEMENTS` logits). No second forward pass runs; the extra cost is one gradient-free LM-head
-projection of the completion tokens. The mask is computed without gradient anyway, so the gradient of the loss is
-unchanged. Used for `trm_exact` (the rollout top-k ids and the sampled token, :mod:`trl_trm.topk`) and for the
-sampler's processors (the sampled token under top-k / top-p / min-p / repetition penalty, :mod:`trl_trm.processors`).
+materialises the (B, T, V) logits and returns only per-token statistics of the sampled token. The narrowest seam is
+its per-chunk helper `_ChunkedLogProbFunction.apply(hidden, weight, bias, targets, temperature, chunk_size,
+final_logit_softcapping, logit_scale, outputs)`, looked up as a module global of `trl.trainer.utils` at every call:
+for the duration of one `_get_per_token_logps_and_entropies` call it is replaced by our own
+:class:`~trl_trm.head_pass.OnePassHead`, which returns the same outputs (log-probs and entropies with gradient) and,
+from the same projection of each block of rows, log π_θ at the ids of every valid completion position (the rollout's
+top-k and the sampled token, at the loss temperature or under the sampler's processors). One projection per block in
+the forward, one recomputation in the backward, as TRL's head; no second projection. Used for `trm_exact` (:mod:`trl_trm.topk`) and
+for the sampler's processors (top-k / top-p / min-p / repetition penalty, :mod:`trl_trm.processors`); a batch that
+needs neither keeps TRL's head untouched.
 
-Everything here but :class:`FusedHeadCapture` (which patches TRL) is pure torch. Every name is also importable from
-:mod:`trl_trm.topk`, its former home.
+:func:`head_logprobs_at` (the gradient-free second projection the capture used before) stays as the pure-torch
+reference the tests compare against. Everything here but :class:`FusedHeadCapture` (which patches TRL) is pure
+torch. Every name is also importable from :mod:`trl_trm.topk`, its former home.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .head_pass import VOCAB_CHUNK, HeadExtras, OnePassHead, project_rows  # noqa: F401 (VOCAB_CHUNK re-exported)
 from .processors import PROCESSOR_CHUNK_ELEMENTS, SamplerProcessors, first_occurrence
 
 HEAD_CHUNK_ELEMENTS = 1 << 24
 """Most logits :func:`head_logprobs_at` holds at once (64 MiB in float32; the peak is about twice that)."""
 
-VOCAB_CHUNK = 32768
-"""Vocabulary columns per projection tile, as TRL's fused head (`_CHUNKED_LOGPROB_CHUNK_SIZE`)."""
-
-
-def _project(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cd: torch.dtype) -> torch.Tensor:
-    """(r, V) float32 logits ``h @ weight.T + bias`` of one block of rows, projected in ``cd`` (the compute dtype, as
-    TRL's head) one tile of :data:`VOCAB_CHUNK` vocabulary columns at a time, then widened."""
-    vocab = weight.size(0)
-    z = torch.empty(h.size(0), vocab, dtype=torch.float32, device=h.device)  # (r, V)
-    for v0 in range(0, vocab, VOCAB_CHUNK):
-        v1 = min(v0 + VOCAB_CHUNK, vocab)
-        w = weight[v0:v1].detach().to(cd).t()  # (H, chunk)
-        if cd == torch.float32 and v1 - v0 == vocab:
-            torch.mm(h, w, out=z)  # one tile: straight into z
-        else:
-            z[:, v0:v1] = h @ w  # (r, chunk) in the compute dtype, as TRL's head, then widened
-        if bias is not None:
-            z[:, v0:v1] += bias[v0:v1].detach().to(cd).float()
-    return z
+_project = project_rows  # the projection both paths share (trl_trm.head_pass)
 
 
 def head_logprobs_at(
@@ -132,10 +117,9 @@ def _bind_head_args(
     chunk_size=None,
     final_logit_softcapping=None,
     logit_scale=1.0,
-    *rest,
-    **kwargs,
+    outputs=("log_probs",),
 ):
-    return hidden, weight, bias, targets, temperature, final_logit_softcapping, logit_scale
+    return hidden, weight, bias, targets, temperature, final_logit_softcapping, logit_scale, outputs
 
 
 class _HeadProxy:
@@ -146,12 +130,12 @@ class _HeadProxy:
         self.capture = capture
 
     def apply(self, *args, **kwargs):
-        self.capture._on_call(*_bind_head_args(*args, **kwargs))
-        return self.original.apply(*args, **kwargs)
+        return self.capture._on_call(*_bind_head_args(*args, **kwargs))
 
 
 class FusedHeadCapture:
-    """While active, every call of TRL's fused LM head also computes log π_θ at ``ids`` for the completion tokens.
+    """While active, every call of TRL's fused LM head runs :class:`~trl_trm.head_pass.OnePassHead` instead, which
+    returns TRL's outputs and, from the same projection, log π_θ at ``ids`` for the completion tokens.
 
     Built for one `GRPOTrainer._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
     batch_size)` call, which runs the model on row chunks of ``batch_size`` (one fused-head call per chunk). Each call
@@ -171,6 +155,8 @@ class FusedHeadCapture:
         attention_mask: (B, L) the prompt + completion attention mask passed to the forward.
         logits_to_keep: T.
         batch_size: TRL's row chunk size (None = the whole batch).
+        max_chunk_elements: most logits one block of head rows holds (None =
+            :data:`trl_trm.head_pass.ONE_PASS_CHUNK_ELEMENTS`).
         processors: the sampler's processors, or None (TRL's temperature only).
         prompt_ids: (B, L - T) the left-padded prompts, needed when ``processors`` has a repetition penalty.
 
@@ -215,6 +201,7 @@ class FusedHeadCapture:
         self.vocab_size: int | None = None
         self._module = None
         self._original = None
+        self._gather = None
 
     def __enter__(self) -> FusedHeadCapture:
         import trl.trainer.utils as trl_utils
@@ -235,7 +222,28 @@ class FusedHeadCapture:
         self._module._ChunkedLogProbFunction = self._original
         self._module = self._original = None
 
-    def _on_call(self, hidden, weight, bias, targets, temperature, final_logit_softcapping, logit_scale) -> None:
+    def _on_call(
+        self, hidden, weight, bias, targets, temperature, final_logit_softcapping, logit_scale, outputs=("log_probs",)
+    ):
+        """Stands in for one `_ChunkedLogProbFunction.apply`: TRL's outputs from :class:`OnePassHead`, whose side
+        output fills this chunk's rows of :attr:`logprobs`."""
+        start, stop, valid, extras = self._locate(hidden, weight, targets)
+        if self._gather is None:
+            import trl.trainer.utils as trl_utils
+
+            self._gather = getattr(trl_utils, "maybe_gather_lm_head_ctx", None)  # ZeRO-3: the backward gathers again
+        out = OnePassHead.apply(
+            hidden, weight, bias, targets, temperature, final_logit_softcapping, logit_scale, tuple(outputs),
+            extras, self._gather, self.max_chunk_elements,
+        )  # fmt: skip
+        block = self.logprobs[start:stop]  # (b, T, K) view
+        block[valid.to(block.device)] = extras.values.to(block.device)
+        self.vocab_size = weight.size(0)
+        return out
+
+    def _locate(self, hidden, weight, targets) -> tuple[int, int, torch.Tensor, HeadExtras]:
+        """This call's row chunk [start, stop), its (b, T) completion positions the head scores, and the
+        :class:`HeadExtras` (head rows, ids, processors) to evaluate there, checked against the head's targets."""
         if self.calls >= len(self.chunks):
             raise RuntimeError(
                 f"trm_exact: TRL's fused LM head ran {self.calls + 1} times for {len(self.chunks)} row chunks; cannot "
@@ -263,7 +271,7 @@ class FusedHeadCapture:
                 "expected all positions or only the completion tokens (an unsupported TRL version?)."
             )
         valid = labelled[:, length - 1 - t :]  # (b, T) completion positions the head scored
-        rows = row_of[:, length - 1 - t :][valid]  # (n_valid,)
+        rows = row_of[:, length - 1 - t :][valid]  # (n_valid,) ascending: row-major
         sampled = self.completion_ids[start:stop].to(device)[valid]  # (n_valid,)
         if not torch.equal(targets[rows].long(), sampled.long()):
             raise RuntimeError(
@@ -271,35 +279,17 @@ class FusedHeadCapture:
                 "log-probs cannot be aligned (an unsupported TRL version?)."
             )
         ids = self.ids[start:stop].to(device)[valid]  # (n_valid, K)
-        compute_dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
-        first_seen = row_sequence = row_position = None
+        vocab = weight.size(0)
+        if bool((ids >= vocab).any()) or bool((ids < 0).any()):
+            raise ValueError(f"Rollout top-k token ids must lie in [0, {vocab}) (the LM head's vocabulary).")
+        extras = HeadExtras(rows, ids, self.processors)
         if self.processors is not None and self.processors.uses_context:
             prompt_mask = attn[:, : length - t]  # (b, P) 0 = left padding, not context (as transformers / vLLM)
-            first_seen = first_occurrence(
-                self.prompt_ids[start:stop].to(device),
-                prompt_mask,
-                self.completion_ids[start:stop].to(device),
-                weight.size(0),
+            extras.first_seen = first_occurrence(
+                self.prompt_ids[start:stop].to(device), prompt_mask, self.completion_ids[start:stop].to(device), vocab
             )  # (b, V)
-            row_sequence, row_position = valid.nonzero(as_tuple=True)  # (n_valid,) each, row-major like `rows`
-        values = head_logprobs_at(
-            hidden.detach()[rows],
-            weight,
-            bias,
-            ids,
-            temperature=temperature,
-            final_logit_softcapping=final_logit_softcapping,
-            logit_scale=logit_scale,
-            compute_dtype=compute_dtype or hidden.dtype,
-            max_chunk_elements=self.max_chunk_elements,
-            processors=self.processors,
-            first_seen=first_seen,
-            row_sequence=row_sequence,
-            row_position=row_position,
-        )  # (n_valid, K)
-        block = self.logprobs[start:stop]  # (b, T, K) view
-        block[valid.to(block.device)] = values.to(block.device)
-        self.vocab_size = weight.size(0)
+            extras.row_sequence, extras.row_position = valid.nonzero(as_tuple=True)  # (n_valid,) each, row-major
+        return start, stop, valid, extras
 
     def result(self) -> torch.Tensor:
         """(B, T, K) float32 log π_θ at the ids; raises if the fused head did not run once per row chunk."""
