@@ -48,11 +48,15 @@ KINDS: dict[str, dict[str, Any]] = {
     "stale": {"kind": "stale", "stale_k": 2},
     "flip": {"kind": "flip", "flip_fraction": 3e-3, "impulse_sigma": 8.0},
     "stale1": {"kind": "stale", "stale_k": 1},
-    # The harmful preset (issue 17): no mismatch (the positive control's reference), support collapse in the contexts
-    # that decide the reward, and staleness of one generation batch under num_iterations = 4.
+    # The harmful preset (issue 17): no mismatch (the positive control's reference); support collapse in the contexts
+    # that decide the reward (every prompt fragile; `collapse_half`: half of them, the failed first attempt); and
+    # staleness of 1-3 generation batches under num_iterations = 4 (stale4/8/12: 4, 8, 12 optimizer steps).
     "clean": {"kind": "none"},
-    "collapse": {"kind": "collapse", "collapse_fraction": 0.5, "collapse_mass": 0.95},
+    "collapse": {"kind": "collapse", "collapse_fraction": 1.0, "collapse_mass": 0.95},
+    "collapse_half": {"kind": "collapse", "collapse_fraction": 0.5, "collapse_mass": 0.95},
     "stale4": {"kind": "stale", "stale_k": 4},
+    "stale8": {"kind": "stale", "stale_k": 8},
+    "stale12": {"kind": "stale", "stale_k": 12},
 }
 
 # Correction methods: TRMConfig overrides. Thresholds are the library defaults unless stated.
@@ -95,12 +99,31 @@ class StudyConfig:
     num_iterations: int = 1  # TRL's num_iterations: optimizer steps per generated batch
     fatal: bool = False  # reward 0 for an answer with the collapse token (study_task.class_fatal_reward)
     reference_kind: str | None = None  # a kind run with `none` only: the positive control's reference
+    control_only_kinds: tuple[str, ...] = ()  # kinds run with `none` only: their positive control, no ranking
     out_dir: Path = RESULTS_DIR
     plots_dir: Path | None = PLOTS_DIR / "extreme"
     tag: str = "study_extreme"
 
 
-# The two tables of docs/mismatch-study.md. "extreme": the first study (12-token completions, mismatch chosen to be
+HARMFUL = StudyConfig(
+    steps=40,
+    seeds=tuple(range(10)),
+    batch=32,
+    max_completion_length=20,
+    answer_len=(6, 14),
+    learning_rate=2e-3,
+    eval_prompts=96,
+    kinds=("clean", "collapse", "stale8"),
+    methods=("none", "bypass", "token_tis", "token_mis", "trm", "trm_cal", "trm_random", "trm_equal"),
+    num_iterations=4,
+    fatal=True,
+    reference_kind="clean",
+    control_only_kinds=("stale8",),
+    plots_dir=PLOTS_DIR / "harmful",
+    tag="study_harmful",
+)
+
+# The tables of docs/mismatch-study.md. "extreme": the first study (12-token completions, mismatch chosen to be
 # visible: 30 % of positions perturbed, two-step staleness at lr 3e-3). "realistic": the mismatch real engines show
 # (bf16 precision; routing flips in a fixed 0.3 % of the two-token contexts; one-step staleness at lr 1e-3), answers of
 # 110-130 characters (~64-75 tokens), 5 seeds, sized to run in under 30 minutes on 2 cores.
@@ -118,22 +141,16 @@ PRESETS: dict[str, StudyConfig] = {
         plots_dir=PLOTS_DIR / "realistic",
         tag="study_realistic",
     ),
-    # Issue 17: harmful families, trained as TRL trains (num_iterations = 4), 10 seeds, the controls.
-    "harmful": StudyConfig(
-        steps=40,
-        seeds=tuple(range(10)),
-        batch=32,
-        max_completion_length=20,
-        answer_len=(6, 14),
-        learning_rate=2e-3,
-        eval_prompts=96,
-        kinds=("clean", "collapse", "stale4"),
-        methods=("none", "bypass", "token_tis", "token_mis", "trm", "trm_cal", "trm_random", "trm_equal"),
-        num_iterations=4,
-        fatal=True,
-        reference_kind="clean",
-        plots_dir=PLOTS_DIR / "harmful",
-        tag="study_harmful",
+    # Issue 17: harmful families, trained as TRL trains (num_iterations = 4), 10 seeds, the controls. The core cells:
+    # every arm on `collapse`; `none` only on `stale8` (its positive control failed in the pilot: shown, not ranked).
+    "harmful": HARMFUL,
+    # `make study-full`: every arm on both collapse attempts and on stale8, and the other staleness positive controls.
+    "harmful-full": dataclasses.replace(
+        HARMFUL,
+        kinds=("clean", "collapse", "collapse_half", "stale8", "stale4", "stale12"),
+        control_only_kinds=("stale4", "stale12"),
+        plots_dir=PLOTS_DIR / "harmful-full",
+        tag="study_harmful_full",
     ),
 }
 
@@ -253,7 +270,8 @@ def run_one(
         eval_init = _EVAL_INIT[init_key]
         trainer.train()
         eval_final = evaluate(trainer, cfg, seed)
-    steps = [h for h in trainer.state.log_history if "reward" in h]
+    # One entry per optimizer step (TRL logs the rewards only at the steps that generate: NaN at the others).
+    steps = [h for h in trainer.state.log_history if "loss" in h and "train_runtime" not in h]
     keys = sorted({k for h in steps for k, v in h.items() if isinstance(v, (int, float))})
     p_token = sorted(rollout.collapse_p_token)
     return {
@@ -320,7 +338,7 @@ def _jobs(cfg: StudyConfig, phase: int, done: list[dict[str, Any]]) -> list[tupl
     jobs = []
     for s in cfg.seeds:
         for k in cfg.kinds:
-            methods = ("none",) if k == cfg.reference_kind else cfg.methods
+            methods = ("none",) if k == cfg.reference_kind or k in cfg.control_only_kinds else cfg.methods
             for m in methods:
                 if phase == 0 and m not in CONTROLS:
                     jobs.append((k, m, s, cfg, threads))
@@ -377,7 +395,7 @@ def _progress(i: int, n: int, run: dict[str, Any], start: float) -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", choices=list(PRESETS), default="realistic", help="which table (default realistic)")
+    parser.add_argument("--preset", choices=list(PRESETS), default="harmful", help="which table (default harmful)")
     parser.add_argument("--smoke", action="store_true", help="2 steps, impulse kind, methods none and trm, seed 0")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--seeds", type=int, nargs="+", default=None)

@@ -27,14 +27,15 @@ def _std(xs: list[float]) -> float:
 def summarize_run(run: dict[str, Any], spike_threshold: float, last: int = 5) -> dict[str, Any]:
     c = run["curves"]
     grad = [g for g in c.get("grad_norm", []) if not math.isnan(g)]
-    tail = c["reward"][-last:]
+    reward = [x for x in c["reward"] if not math.isnan(x)]  # the generating steps only
+    tail = reward[-last:]
     return {
         "kind": run["kind"],
         "method": run["method"],
         "seed": run["seed"],
         "eval_reward_init": run["eval_reward_init"],
         "eval_reward_final": run["eval_reward_final"],
-        "train_reward_first": _mean(c["reward"][:last]),
+        "train_reward_first": _mean(reward[:last]),
         "train_reward_last": _mean(tail),
         "accept_rate": _mean(c.get("trm/accept_rate", [])),
         "token_weight": _mean(c.get("trm/token_weight/mean", [])),
@@ -230,8 +231,103 @@ def write_report(runs: list[dict[str, Any]], cfg: StudyConfig, meta: dict[str, A
         writer.writeheader()
         writer.writerows(agg)
     table = markdown_table(agg, cfg.kinds, cfg.methods)
+    if cfg.reference_kind is not None and cfg.reference_kind in cfg.kinds:  # the harmful preset: the rule's verdicts
+        families = [k for k in cfg.kinds if k != cfg.reference_kind]
+        table += "\n" + rule_report(rows, cfg.reference_kind, families, cfg.methods)
     (cfg.out_dir / f"{cfg.tag}_table.md").write_text(table)
     plots = plot(runs, agg, cfg, spike) if cfg.plots_dir is not None else []
     print(table)
     print(f"{len(runs)} runs in {meta['wall_s']:.0f} s; results in {cfg.out_dir}; plots: {', '.join(plots) or 'none'}")
     return report
+
+
+# ------------------------------------------------------------------------------------------------ the rule
+TRM_ARMS = ("trm", "trm_cal", "trm_equal")
+COMPARATORS = ("token_tis", "token_mis", "bypass")  # the rule's (b): token-level arms and PPO-clip against pi_roll
+
+
+def paired(rows: list[dict[str, Any]], a: tuple[str, str], b: tuple[str, str]) -> dict[str, float]:
+    """Δ = final reward of arm ``a`` − arm ``b`` ((kind, method) each), paired by seed: mean, paired standard error,
+    number of seeds and the power (2 × SE, the smallest difference the rule calls)."""
+    ra = {r["seed"]: r["eval_reward_final"] for r in rows if (r["kind"], r["method"]) == a}
+    rb = {r["seed"]: r["eval_reward_final"] for r in rows if (r["kind"], r["method"]) == b}
+    d = [ra[s] - rb[s] for s in sorted(ra) if s in rb]
+    se = _std(d) / math.sqrt(len(d)) if len(d) > 1 else math.nan
+    return {"mean": _mean(d), "se": se, "n": len(d), "power": 2 * se, "wins": sum(x > 0 for x in d)}
+
+
+def _fmt(p: dict[str, float]) -> str:
+    return "n/a" if not p["n"] else f"{p['mean']:+.3f} ± {p['se']:.3f}"
+
+
+def _above(p: dict[str, float], k: float) -> bool:
+    return p["n"] > 1 and p["mean"] > k * p["se"]
+
+
+def positive_controls(rows: list[dict[str, Any]], reference: str, families: list[str]) -> dict[str, dict]:
+    """Per family: Δ(none@reference − none@family), and whether it exceeds 3 paired SE (the rule's step 1)."""
+    out = {}
+    for fam in families:
+        p = paired(rows, (reference, "none"), (fam, "none"))
+        out[fam] = {**p, "passed": _above(p, 3.0)}
+    return out
+
+
+def trm_verdict(rows: list[dict[str, Any]], fam: str, arm: str, best: str | None) -> str:
+    """The rule's steps 2-4 for one TRM arm of a family whose positive control passed."""
+    vs_none = paired(rows, (fam, arm), (fam, "none"))
+    vs_best = paired(rows, (fam, arm), (fam, best)) if best else {"n": 0, "mean": math.nan, "se": math.nan}
+    vs_rand = paired(rows, (fam, arm), (fam, "trm_random"))
+    if all(p["n"] and _above(p, 2.0) for p in (vs_none, vs_best, vs_rand)):
+        return "helps"
+    below = [p for p in (vs_none, vs_best) if p["n"] > 1 and -p["mean"] > 2 * p["se"]]
+    if below:
+        if arm == "trm" and vs_best["n"] and -vs_best["mean"] > 2 * vs_best["se"]:
+            eq = paired(rows, (fam, "trm_equal"), (fam, best))
+            if eq["n"] > 1 and -eq["mean"] <= 2 * eq["se"]:
+                return "hurts (sample-count effect: trm_equal is not below)"
+        return "hurts"
+    return f"no difference at power {max(vs_none['power'], vs_best.get('power', 0.0)):.3f}"
+
+
+def rule_report(rows: list[dict[str, Any]], reference: str, families: list[str], methods: tuple[str, ...]) -> str:
+    """Markdown: the positive controls, then per family every arm's paired differences and the rule's verdict."""
+    pcs = positive_controls(rows, reference, families)
+    lines = [
+        "| family | `none` without mismatch | `none` in the family | Δ (clean − family) | power (2 SE) | seeds | "
+        "positive control |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for fam, p in pcs.items():
+        ref = _mean([r["eval_reward_final"] for r in rows if (r["kind"], r["method"]) == (reference, "none")])
+        got = _mean([r["eval_reward_final"] for r in rows if (r["kind"], r["method"]) == (fam, "none")])
+        verdict = "passed" if p["passed"] else "failed"
+        lines.append(f"| {fam} | {ref:.3f} | {got:.3f} | {_fmt(p)} | {p['power']:.3f} | {p['n']} | {verdict} |")
+    for fam in families:
+        have = [m for m in methods if any((r["kind"], r["method"]) == (fam, m) for r in rows)]
+        means = {
+            m: _mean([r["eval_reward_final"] for r in rows if (r["kind"], r["method"]) == (fam, m)]) for m in have
+        }
+        comps = [m for m in COMPARATORS if m in means]
+        best = max(comps, key=lambda m: means[m]) if comps else None
+        lines += [
+            "",
+            f"**{fam}** (positive control {'passed' if pcs[fam]['passed'] else 'failed'}; best of (b): `{best}`)",
+            "",
+            "| arm | final reward | Δ vs none | power | Δ vs best of (b) | Δ vs trm_random | accept | verdict |",
+            "|---|---:|---:|---:|---:|---:|---:|---|",
+        ]
+        for m in have:
+            vs_none, vs_best = paired(rows, (fam, m), (fam, "none")), paired(rows, (fam, m), (fam, best or m))
+            vs_rand = paired(rows, (fam, m), (fam, "trm_random"))
+            acc = _mean([r["accept_rate"] for r in rows if (r["kind"], r["method"]) == (fam, m)])
+            if m in TRM_ARMS:
+                verdict = trm_verdict(rows, fam, m, best) if pcs[fam]["passed"] else "not ranked (control failed)"
+            else:
+                verdict = "—"
+            lines.append(
+                f"| {m} | {means[m]:.3f} | {'—' if m == 'none' else _fmt(vs_none)} | {vs_none['power']:.3f} | "
+                f"{'—' if m == best else _fmt(vs_best)} | {'—' if m == 'trm_random' else _fmt(vs_rand)} | "
+                f"{acc:.3f} | {verdict} |"
+            )
+    return "\n".join(lines) + "\n"

@@ -259,3 +259,131 @@ def test_aggregate_pairs_each_method_with_the_baseline_of_the_same_seed():
     assert agg["none"]["delta_eval_mean"] == 0.0
     table = markdown_table(list(agg.values()), ("flip",), ("none", "trm"))
     assert "| +0.050 ± 0.050 |" in table and "| flip | none | 0.400 ± 0.283 | — |" in table
+
+
+# ------------------------------------------------------------------------------------------------ issue 17
+def test_collapse_puts_its_mass_on_the_fatal_token_at_the_first_crossing_of_the_target(tiny):
+    """Support collapse: at the first step where a fragile row's answer reaches its target character count, the engine
+    samples from 0.95 x one-hot(token) + 0.05 x policy and reports that distribution's log-prob; safe rows and every
+    other step are the policy's own (fp32) distribution."""
+    tok, model, prompts = tiny
+    engine = MismatchRollout("collapse", collapse_fraction=1.0, collapse_token=3, collapse_mass=0.95)
+    engine.sync(model, step=0)
+    engine.set_tokenizer(tok)
+    out_safe = _generate(engine, tok, prompts, new=8)  # no targets: no fragile row
+    assert engine.last_flips is None and not engine.collapse_p_token
+    out = engine.generate(prompts, max_new_tokens=8, temperature=1.0, pad_id=tok.pad_token_id,
+                          eos_id=tok.eos_token_id, targets=[0, None, 2])  # fmt: skip
+    flips = engine.last_flips  # (3, T)
+    assert flips[0].tolist()[0] is True and int(flips[0].sum()) == 1  # target 0: the very first step, once
+    assert not bool(flips[1].any())  # not fragile
+    assert int(flips[2].sum()) <= 1
+    trainer = _trainer_logps(model, prompts, out["completion_ids"])
+    for row, (reported, exact) in enumerate(zip(out["logprobs"], trainer, strict=True)):
+        for t, (r, e) in enumerate(zip(reported, exact.tolist(), strict=True)):
+            if bool(flips[row, t]):
+                token = out["completion_ids"][row][t]
+                want = math.log(0.95 * (token == 3) + 0.05 * math.exp(e))
+                assert r == pytest.approx(want, abs=1e-4)
+            else:
+                assert r == pytest.approx(e, abs=1e-4)
+    assert engine.collapse_p_token and all(p < 1e-2 for p in engine.collapse_p_token)  # token 3: untrained, rare
+    assert out_safe["completion_ids"]  # the call without targets runs unperturbed
+    with pytest.raises(ValueError, match="temperature 1.0"):
+        engine.generate(prompts, max_new_tokens=2, temperature=0.7, pad_id=0, eos_id=1, targets=[0, 0, 0])
+    with pytest.raises(ValueError, match="collapse_mass"):
+        MismatchRollout("collapse", collapse_mass=1.0)
+
+
+def test_fragile_prompts_are_a_fixed_share_of_the_class_and_length_pairs():
+    from experiments.rollout_engine import fragile_prompt_target
+
+    pairs = [f"{k} {n}" for k in ("letters", "digits") for n in range(2, 200)]
+    half = [fragile_prompt_target(p, 0.5, seed=4) for p in pairs]
+    assert 0.35 < sum(t is not None for t in half) / len(pairs) < 0.65
+    assert half == [fragile_prompt_target(p, 0.5, seed=4) for p in pairs]  # fixed by the seed
+    assert half != [fragile_prompt_target(p, 0.5, seed=5) for p in pairs]
+    assert all(fragile_prompt_target(p, 1.0, seed=0) == int(p.split()[1]) for p in pairs)
+    assert fragile_prompt_target("reverse: abc", 1.0, seed=0) is None
+
+
+def test_stale_engine_uses_the_newest_weights_at_or_before_the_lag_when_syncs_are_sparse(tiny):
+    """With num_iterations = 4 the engine syncs every 4 optimizer steps: stale_k = 4 is the previous batch's weights."""
+    _, model, _ = tiny
+    engine = MismatchRollout("stale", stale_k=4)
+    for step in (0, 4, 8, 12):
+        engine.sync(model, step=step)
+        assert engine.weights_step == max(0, step - 4)
+
+
+def test_equal_count_batch_scales_by_the_inverse_accept_rate_in_whole_groups():
+    from experiments.study_arms import control_setting, equal_count_batch
+
+    assert equal_count_batch(32, 8, 1.0) == 32
+    assert equal_count_batch(32, 8, 0.5) == 64
+    assert equal_count_batch(32, 8, 0.7) == 48  # 45.7 -> 6 groups of 8
+    assert equal_count_batch(32, 8, 0.01) == 128  # at most 4x
+    with pytest.raises(ValueError, match="accept_rate"):
+        equal_count_batch(32, 8, 1.5)
+    run = {"curves": {"trm/accept_rate": [0.5, math.nan, 0.5]}}
+    assert control_setting("trm_equal", run, 32, 8) == {"batch": 64}
+    assert control_setting("trm_random", run, 32, 8) == {"rates": [0.5, 0.5]}
+    with pytest.raises(ValueError, match="not a control"):
+        control_setting("trm", run, 32, 8)
+
+
+def test_random_mask_control_keeps_sequences_at_the_given_rate_without_selection(
+    tmp_path, tiny_model_dir, toy_dataset
+):
+    from trainer_kwargs import base_config_kwargs, length_reward
+
+    from experiments.study_arms import random_mask_trainer
+    from trl_trm import TRMConfig
+
+    args = TRMConfig(**base_config_kwargs(tmp_path / "out", trm_mode="trm"))
+    trainer = random_mask_trainer([0.25], seed=0)(
+        model=tiny_model_dir, reward_funcs=length_reward, args=args, train_dataset=toy_dataset
+    )
+    trainer.model.train()
+    n = 4000
+    theta = torch.zeros(n, 3)
+    roll = theta.clone()
+    roll[: n // 2, 1] = -5.0  # half the sequences far outside TRM's region: selection would reject exactly these
+    batch = {"completion_mask": torch.ones(n, 3, dtype=torch.long), "sampling_per_token_logps": roll,
+             "advantages": torch.ones(n)}  # fmt: skip
+    result, weights = trainer._trm_evaluate(theta, theta, batch)
+    kept = result.keep.float()
+    assert 0.22 < float(kept.mean()) < 0.28
+    assert abs(float(kept[: n // 2].mean()) - float(kept[n // 2 :].mean())) < 0.05  # no selection
+    assert torch.equal(weights, kept.unsqueeze(-1).expand(n, 3))  # weight 1 on the kept sequences' tokens
+
+
+def test_the_rule_pairs_by_seed_and_calls_a_difference_only_beyond_its_paired_se():
+    from experiments.study_report import paired, positive_controls, rule_report, trm_verdict
+
+    def rows(kind, method, values):
+        return [{"kind": kind, "method": method, "seed": s, "eval_reward_final": v, "accept_rate": 1.0}
+                for s, v in enumerate(values)]  # fmt: skip
+
+    seed_effect = [0.0, 0.3, -0.2, 0.1, 0.5]  # large between-seed spread, removed by pairing
+    data = rows("clean", "none", [0.6 + e for e in seed_effect])
+    data += rows(
+        "fam", "none", [0.5 + e + d for e, d in zip(seed_effect, [0.01, -0.01, 0.0, 0.02, -0.02], strict=True)]
+    )
+    data += rows("fam", "token_mis", [0.52 + e for e in seed_effect])
+    data += rows("fam", "trm", [0.6 + e + d for e, d in zip(seed_effect, [0.01, 0.0, -0.01, 0.0, 0.0], strict=True)])
+    data += rows("fam", "trm_random", [0.5 + e for e in seed_effect])
+    p = paired(data, ("clean", "none"), ("fam", "none"))
+    assert p["n"] == 5 and p["mean"] == pytest.approx(0.1) and p["se"] < 0.01
+    assert positive_controls(data, "clean", ["fam"])["fam"]["passed"]
+    assert trm_verdict(data, "fam", "trm", "token_mis") == "helps"
+    assert trm_verdict(data, "fam", "trm_random", "token_mis").startswith("hurts")  # 0.02 below token_mis, SE ~0
+    noisy = [dict(r) for r in data]
+    for r in noisy:  # an unpaired-looking shuffle of trm: same mean, differences no longer consistent
+        if r["method"] == "trm":
+            r["eval_reward_final"] += 0.4 * (-1) ** r["seed"]
+    assert trm_verdict(noisy, "fam", "trm", "token_mis").startswith("no difference at power")
+    failed = [r for r in data if r["kind"] != "clean"] + rows("clean", "none", [0.5 + e for e in seed_effect])
+    assert not positive_controls(failed, "clean", ["fam"])["fam"]["passed"]
+    table = rule_report(failed, "clean", ["fam"], ("none", "token_mis", "trm", "trm_random"))
+    assert "| failed |" in table and "not ranked (control failed)" in table
