@@ -2,17 +2,20 @@
 
 One command, offline, CPU::
 
-    .venv/bin/python -m experiments.mismatch_study                     # realistic mismatch (make study)
+    .venv/bin/python -m experiments.mismatch_study                     # harmful families, issue 17 (make study)
+    .venv/bin/python -m experiments.mismatch_study --preset harmful-full  # every arm on every family (study-full)
+    .venv/bin/python -m experiments.mismatch_study --preset realistic  # the realistic table (make study-realistic)
     .venv/bin/python -m experiments.mismatch_study --preset extreme    # the first, extreme table (make study-extreme)
-    .venv/bin/python -m experiments.mismatch_study --smoke             # 2 steps, 1 kind x 2 methods, 1 seed
+    .venv/bin/python -m experiments.mismatch_study --smoke             # harmful path at toy size, 5 runs
 
-A tiny Qwen2 (``trl_trm.tiny``, built locally) learns the demo's string-reversal task (exact, graded reward from
-``trl_trm.rewards.reversal``) with ``TRMTrainer`` in fp32, while its rollouts come from
+A tiny Qwen2 (``trl_trm.tiny``, built locally) learns a verifiable task with a graded reward
+(``experiments/study_task.py``) with ``TRMTrainer`` in fp32, while its rollouts come from
 :class:`experiments.rollout_engine.MismatchRollout` (a TRL ``rollout_func``) with one kind of mismatch: bf16
-precision, routing-flip emulation (impulse noise at random positions, or a fixed rare set of fragile contexts), or
-stale weights. Every correction method is trained on every
-kind with several seeds; the results go to ``experiments/results/`` (JSON with every curve, CSV summary, markdown
-table) and the plots to ``docs/mismatch-study/``. See ``docs/mismatch-study.md``.
+precision, routing-flip emulation, stale weights, or support collapse in the contexts that decide the reward. Every
+arm (``METHODS``; the controls in ``experiments/study_arms.py``) is trained on every kind with several seeds, paired
+by seed; the results go to ``experiments/results/`` (JSON with every curve, CSV, markdown tables and, for the harmful
+preset, the pre-registered rule's verdicts: ``experiments/study_report.py``) and the plots to
+``docs/mismatch-study/``. See ``docs/mismatch-study.md``.
 """
 
 from __future__ import annotations
@@ -396,7 +399,7 @@ def _progress(i: int, n: int, run: dict[str, Any], start: float) -> None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=list(PRESETS), default="harmful", help="which table (default harmful)")
-    parser.add_argument("--smoke", action="store_true", help="2 steps, impulse kind, methods none and trm, seed 0")
+    parser.add_argument("--smoke", action="store_true", help="harmful path at toy size: 4 steps, 5 runs, seed 0")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--kinds", nargs="+", choices=list(KINDS), default=None)
@@ -410,13 +413,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     a = parser.parse_args(argv)
     cfg = PRESETS[a.preset]
-    if a.smoke:
+    if a.smoke:  # the harmful preset's path at toy size: one generated batch, 4 optimizer steps, the controls
         cfg = dataclasses.replace(
-            cfg,
-            steps=2,
+            PRESETS["harmful"],
+            steps=4,
             seeds=(0,),
-            kinds=("impulse",),
-            methods=("none", "trm"),
+            batch=16,
+            kinds=("clean", "collapse"),
+            methods=("none", "trm", "trm_random", "trm_equal"),
             workers=1,
             tag="smoke",
             eval_prompts=8,

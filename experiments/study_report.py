@@ -180,6 +180,12 @@ def plot(runs: list[dict[str, Any]], agg: list[dict[str, Any]], cfg: StudyConfig
         plt.close(fig)
         files.append(str(path))
 
+    files.append(_plot_accept_by_length(plt, index, kinds, methods, colors, cfg.plots_dir))
+    return files
+
+
+def _plot_accept_by_length(plt, index, kinds, methods, colors, plots_dir) -> str:
+    """accept_rate_by_length.png: each method's accept rate by completion-length quartile, one panel per kind."""
     fig, axes = plt.subplots(1, len(kinds), figsize=(5 * len(kinds), 3.6), squeeze=False)
     for ax, kind in zip(axes[0], kinds, strict=True):
         for method in methods:
@@ -194,11 +200,10 @@ def plot(runs: list[dict[str, Any]], agg: list[dict[str, Any]], cfg: StudyConfig
         ax.set_ylim(-0.02, 1.02)
     axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
-    path = cfg.plots_dir / "accept_rate_by_length.png"
+    path = plots_dir / "accept_rate_by_length.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    files.append(str(path))
-    return files
+    return str(path)
 
 
 def write_report(runs: list[dict[str, Any]], cfg: StudyConfig, meta: dict[str, Any]) -> dict[str, Any]:

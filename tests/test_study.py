@@ -192,6 +192,8 @@ def test_realistic_preset_is_the_issues_realistic_regime():
 
 @pytest.mark.slow
 def test_study_smoke_writes_results(tmp_path):
+    """`--smoke`: the harmful preset's path at toy size (4 optimizer steps = one generated batch reused 4 times):
+    clean and collapse, `none` and `trm`, then the two controls from the `trm` run; the rule's tables are written."""
     from experiments import mismatch_study
 
     report = mismatch_study.main(["--smoke", "--out-dir", str(tmp_path)])
@@ -199,16 +201,25 @@ def test_study_smoke_writes_results(tmp_path):
         assert (tmp_path / name).stat().st_size > 0, name
     saved = json.loads((tmp_path / "smoke.json").read_text())
     assert {"meta", "summary", "runs", "curves"} <= saved.keys()
-    runs = {r["method"]: r for r in report["runs"]}
-    assert set(runs) == {"none", "trm"} and all(r["kind"] == "impulse" for r in runs.values())
+    runs = {(r["kind"], r["method"]): r for r in report["runs"]}
+    assert set(runs) == {("clean", "none")} | {("collapse", m) for m in ("none", "trm", "trm_random", "trm_equal")}
     for r in runs.values():
         assert 0.0 <= r["accept_rate"] <= 1.0
         assert 0.0 <= r["eval_reward_final"] <= 1.0 and 0.0 <= r["train_reward_last"] <= 1.0
         assert math.isfinite(r["grad_norm_max"]) and r["grad_norm_max"] >= 0
-    assert runs["none"]["accept_rate"] == 1.0  # no correction: nothing rejected
-    assert runs["trm"]["accept_rate"] < 1.0  # impulse noise (p = 0.3, sigma = 8) leaves the trust region
-    curves = {c["method"]: c["curves"] for c in saved["curves"]}
-    assert len(curves["trm"]["reward"]) == 2 and len(curves["trm"]["trm/accept_rate"]) == 2
+    assert runs[("collapse", "none")]["accept_rate"] == 1.0  # no correction: nothing rejected
+    trm = runs[("collapse", "trm")]
+    assert (
+        trm["accept_rate"] < 1.0 and trm["fragile_visits_per_sequence"] > 0
+    )  # the collapsed sequences leave the region
+    assert (
+        trm["collapse_p_token_median"] < 1e-3
+    )  # support collapse: the engine's token is one the trainer all but excludes
+    assert runs[("collapse", "trm_equal")]["batch"] > runs[("collapse", "trm")]["batch"]  # scaled by 1 / accept
+    curves = {(c["kind"], c["method"]): c["curves"] for c in saved["curves"]}
+    assert len(curves[("collapse", "trm")]["trm/accept_rate"]) == 4  # one value per optimizer step
+    table = (tmp_path / "smoke_table.md").read_text()
+    assert "positive control" in table and "| collapse |" in table
 
 
 def test_trl_sequence_mask_method_weights_kept_sequences_by_their_product_ratio(tmp_path, tiny_model_dir, toy_dataset):
