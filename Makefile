@@ -10,7 +10,7 @@ TORCH       ?= torch==2.13.0
 TORCH_INDEX ?=
 TORCH_PIP   := $(TORCH)$(if $(TORCH_INDEX), --extra-index-url $(TORCH_INDEX))
 
-.PHONY: demo test test-slow test-distributed test-vllm test-all test-wheel lint clean study study-full study-realistic study-extreme sweep gpu-check-dry \
+.PHONY: demo test test-slow test-distributed test-vllm test-all test-wheel lint clean study study-full study-stale study-realistic study-extreme sweep gpu-check-dry \
 	docs docs-build
 
 $(BIN)/trl-trm: pyproject.toml
@@ -34,6 +34,10 @@ study: $(BIN)/trl-trm
 
 study-full: $(BIN)/trl-trm
 	$(BIN)/python -m experiments.mismatch_study --preset harmful-full
+
+## Staleness at lr 6e-3 with its own clean reference, every arm, 10 seeds (~25 min on 2 cores).
+study-stale: $(BIN)/trl-trm
+	$(BIN)/python -m experiments.mismatch_study --preset harmful-stale
 
 study-realistic: $(BIN)/trl-trm
 	$(BIN)/python -m experiments.mismatch_study --preset realistic

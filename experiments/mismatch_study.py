@@ -33,10 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from experiments.study_arms import CONTROLS, control_setting, random_mask_trainer, trl_sequence_mask_trainer
-from experiments.study_report import SUMMARY_FIELDS, aggregate, markdown_table, summarize_run, write_report
+from experiments.study_report import write_report
 from experiments.study_task import _eval_rows, class_fatal_reward, task_reward, task_rows, warm_start
-
-__all__ = ["SUMMARY_FIELDS", "aggregate", "markdown_table", "summarize_run", "main", "run_one", "run_study"]
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "experiments" / "results"
@@ -147,6 +145,15 @@ PRESETS: dict[str, StudyConfig] = {
     # Issue 17: harmful families, trained as TRL trains (num_iterations = 4), 10 seeds, the controls. The core cells:
     # every arm on `collapse`; `none` only on `stale8` (its positive control failed in the pilot: shown, not ranked).
     "harmful": HARMFUL,
+    # `make study-stale`: staleness at lr 6e-3 (its own clean reference), the third staleness attempt, every arm.
+    "harmful-stale": dataclasses.replace(
+        HARMFUL,
+        learning_rate=6e-3,
+        kinds=("clean", "stale4"),
+        control_only_kinds=(),
+        plots_dir=PLOTS_DIR / "harmful-stale",
+        tag="study_harmful_stale",
+    ),
     # `make study-full`: every arm on both collapse attempts and on stale8, and the other staleness positive controls.
     "harmful-full": dataclasses.replace(
         HARMFUL,
@@ -156,9 +163,6 @@ PRESETS: dict[str, StudyConfig] = {
         tag="study_harmful_full",
     ),
 }
-
-
-_trl_sequence_mask_trainer = trl_sequence_mask_trainer  # the name the tests import
 
 
 _EVAL_INIT: dict[tuple, float] = {}  # per process: held-out reward of the warm-started weights

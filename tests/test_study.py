@@ -227,11 +227,12 @@ def test_trl_sequence_mask_method_weights_kept_sequences_by_their_product_ratio(
     token of a kept sequence, 0 elsewhere, and `trm/token_weight/mean` reports those weights."""
     from trainer_kwargs import base_config_kwargs, length_reward
 
-    from experiments.mismatch_study import METHODS, _trl_sequence_mask_trainer
+    from experiments.mismatch_study import METHODS
+    from experiments.study_arms import trl_sequence_mask_trainer
     from trl_trm import TRMConfig
 
     args = TRMConfig(**base_config_kwargs(tmp_path / "out", **METHODS["trl_sequence_mask"]))
-    trainer = _trl_sequence_mask_trainer()(
+    trainer = trl_sequence_mask_trainer()(
         model=tiny_model_dir, reward_funcs=length_reward, args=args, train_dataset=toy_dataset
     )
     trainer.model.train()
@@ -251,7 +252,7 @@ def test_trl_sequence_mask_method_weights_kept_sequences_by_their_product_ratio(
 
 
 def test_aggregate_pairs_each_method_with_the_baseline_of_the_same_seed():
-    from experiments.mismatch_study import SUMMARY_FIELDS, aggregate, markdown_table
+    from experiments.study_report import SUMMARY_FIELDS, aggregate, markdown_table
 
     def row(method, seed, reward):
         fields = SUMMARY_FIELDS + ("eval_reward_init", "token_weight", "accept_q2", "accept_q3", "mean_length")
