@@ -10,7 +10,7 @@ TORCH       ?= torch==2.13.0
 TORCH_INDEX ?=
 TORCH_PIP   := $(TORCH)$(if $(TORCH_INDEX), --extra-index-url $(TORCH_INDEX))
 
-.PHONY: demo test test-slow test-distributed test-vllm test-all test-wheel lint clean study study-extreme sweep gpu-check-dry \
+.PHONY: demo test test-slow test-distributed test-vllm test-all test-wheel lint clean study study-full study-stale study-realistic study-extreme sweep gpu-check-dry \
 	docs docs-build
 
 $(BIN)/trl-trm: pyproject.toml
@@ -24,10 +24,22 @@ $(BIN)/trl-trm: pyproject.toml
 demo: $(BIN)/trl-trm
 	$(BIN)/trl-trm demo --output_dir outputs/demo
 
-## Mismatch study (experiments/, docs/mismatch-study.md), CPU, offline. `study`: the realistic table (bf16, rare
-## routing flips, one-step staleness; ~64-75-token completions; 3 kinds x 8 corrections x 5 seeds, ~25 min on 2 cores).
-## `study-extreme`: the first, extreme table (12-token completions, strong mismatch; 3 x 8 x 3 seeds, ~11 min).
+## Mismatch study (experiments/, docs/mismatch-study.md), CPU, offline. `study`: the harmful families of issue 17
+## (support collapse in the contexts that decide the reward, staleness; num_iterations = 4; 8 arms incl. PPO-clip
+## against pi_roll and TRM's two controls; 10 seeds paired; ~100 runs, ~25 min on 2 cores). `study-full`: every arm
+## on every family attempted (both collapse attempts, stale12) and the other staleness positive controls (~3x longer).
+## `study-realistic` / `study-extreme`: the earlier tables (bf16, rare flips, staleness; ~25 and ~11 min).
 study: $(BIN)/trl-trm
+	$(BIN)/python -m experiments.mismatch_study --preset harmful
+
+study-full: $(BIN)/trl-trm
+	$(BIN)/python -m experiments.mismatch_study --preset harmful-full
+
+## Staleness at lr 6e-3 with its own clean reference, every arm, 10 seeds (~25 min on 2 cores).
+study-stale: $(BIN)/trl-trm
+	$(BIN)/python -m experiments.mismatch_study --preset harmful-stale
+
+study-realistic: $(BIN)/trl-trm
 	$(BIN)/python -m experiments.mismatch_study --preset realistic
 
 study-extreme: $(BIN)/trl-trm

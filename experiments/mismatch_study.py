@@ -2,34 +2,39 @@
 
 One command, offline, CPU::
 
-    .venv/bin/python -m experiments.mismatch_study                     # realistic mismatch (make study)
+    .venv/bin/python -m experiments.mismatch_study                     # harmful families, issue 17 (make study)
+    .venv/bin/python -m experiments.mismatch_study --preset harmful-full  # every arm on every family (study-full)
+    .venv/bin/python -m experiments.mismatch_study --preset realistic  # the realistic table (make study-realistic)
     .venv/bin/python -m experiments.mismatch_study --preset extreme    # the first, extreme table (make study-extreme)
-    .venv/bin/python -m experiments.mismatch_study --smoke             # 2 steps, 1 kind x 2 methods, 1 seed
+    .venv/bin/python -m experiments.mismatch_study --smoke             # harmful path at toy size, 5 runs
 
-A tiny Qwen2 (``trl_trm.tiny``, built locally) learns the demo's string-reversal task (exact, graded reward from
-``trl_trm.rewards.reversal``) with ``TRMTrainer`` in fp32, while its rollouts come from
+A tiny Qwen2 (``trl_trm.tiny``, built locally) learns a verifiable task with a graded reward
+(``experiments/study_task.py``) with ``TRMTrainer`` in fp32, while its rollouts come from
 :class:`experiments.rollout_engine.MismatchRollout` (a TRL ``rollout_func``) with one kind of mismatch: bf16
-precision, routing-flip emulation (impulse noise at random positions, or a fixed rare set of fragile contexts), or
-stale weights. Every correction method is trained on every
-kind with several seeds; the results go to ``experiments/results/`` (JSON with every curve, CSV summary, markdown
-table) and the plots to ``docs/mismatch-study/``. See ``docs/mismatch-study.md``.
+precision, routing-flip emulation, stale weights, or support collapse in the contexts that decide the reward. Every
+arm (``METHODS``; the controls in ``experiments/study_arms.py``) is trained on every kind with several seeds, paired
+by seed; the results go to ``experiments/results/`` (JSON with every curve, CSV, markdown tables and, for the harmful
+preset, the pre-registered rule's verdicts: ``experiments/study_report.py``) and the plots to
+``docs/mismatch-study/``. See ``docs/mismatch-study.md``.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import json
 import math
 import os
-import statistics
 import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
+
+from experiments.study_arms import CONTROLS, control_setting, random_mask_trainer, trl_sequence_mask_trainer
+from experiments.study_report import write_report
+from experiments.study_task import _eval_rows, class_fatal_reward, task_reward, task_rows, warm_start
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "experiments" / "results"
@@ -44,6 +49,15 @@ KINDS: dict[str, dict[str, Any]] = {
     "stale": {"kind": "stale", "stale_k": 2},
     "flip": {"kind": "flip", "flip_fraction": 3e-3, "impulse_sigma": 8.0},
     "stale1": {"kind": "stale", "stale_k": 1},
+    # The harmful preset (issue 17): no mismatch (the positive control's reference); support collapse in the contexts
+    # that decide the reward (every prompt fragile; `collapse_half`: half of them, the failed first attempt); and
+    # staleness of 1-3 generation batches under num_iterations = 4 (stale4/8/12: 4, 8, 12 optimizer steps).
+    "clean": {"kind": "none"},
+    "collapse": {"kind": "collapse", "collapse_fraction": 1.0, "collapse_mass": 0.95},
+    "collapse_half": {"kind": "collapse", "collapse_fraction": 0.5, "collapse_mass": 0.95},
+    "stale4": {"kind": "stale", "stale_k": 4},
+    "stale8": {"kind": "stale", "stale_k": 8},
+    "stale12": {"kind": "stale", "stale_k": 12},
 }
 
 # Correction methods: TRMConfig overrides. Thresholds are the library defaults unless stated.
@@ -58,6 +72,12 @@ METHODS: dict[str, dict[str, Any]] = {
     "geo_mask": {"trm_mode": "geo_mask"},  # keep sequences with geometric-mean ratio in [0.99, 1.01]
     "trm": {"trm_mode": "trm"},  # D_max <= log 2 and D_avg <= 0.01
     "trm_exact": {"trm_mode": "trm_exact", "trm_rollout_topk": 8},  # max_t KL_t (top-8 + rest) <= 1e-4
+    # PPO-clip against pi_roll (the seeds' baseline; docs/modes.md "bypass"): TRL's ratio is pi_theta / pi_roll.
+    "bypass": {"trm_mode": "none", "trm_old_policy": "rollout"},
+    "trm_cal": {"trm_mode": "trm", "trm_calibrate_accept": 0.9},  # both deltas scaled to accept 90 % of batch 1
+    # The controls (experiments/study_arms.py): TRM's per-step accept rate without selection; TRM at equal count.
+    "trm_random": {"trm_mode": "trm"},
+    "trm_equal": {"trm_mode": "trm"},
 }
 
 
@@ -76,13 +96,35 @@ class StudyConfig:
     eval_samples: int = 2
     workers: int = 2
     kinds: tuple[str, ...] = ("precision", "impulse", "stale")
-    methods: tuple[str, ...] = tuple(METHODS)
+    methods: tuple[str, ...] = tuple(m for m in METHODS if m not in ("bypass", "trm_cal", *CONTROLS))
+    num_iterations: int = 1  # TRL's num_iterations: optimizer steps per generated batch
+    fatal: bool = False  # reward 0 for an answer with the collapse token (study_task.class_fatal_reward)
+    reference_kind: str | None = None  # a kind run with `none` only: the positive control's reference
+    control_only_kinds: tuple[str, ...] = ()  # kinds run with `none` only: their positive control, no ranking
     out_dir: Path = RESULTS_DIR
     plots_dir: Path | None = PLOTS_DIR / "extreme"
     tag: str = "study_extreme"
 
 
-# The two tables of docs/mismatch-study.md. "extreme": the first study (12-token completions, mismatch chosen to be
+HARMFUL = StudyConfig(
+    steps=40,
+    seeds=tuple(range(10)),
+    batch=32,
+    max_completion_length=20,
+    answer_len=(6, 14),
+    learning_rate=2e-3,
+    eval_prompts=96,
+    kinds=("clean", "collapse", "stale8"),
+    methods=("none", "bypass", "token_tis", "token_mis", "trm", "trm_cal", "trm_random", "trm_equal"),
+    num_iterations=4,
+    fatal=True,
+    reference_kind="clean",
+    control_only_kinds=("stale8",),
+    plots_dir=PLOTS_DIR / "harmful",
+    tag="study_harmful",
+)
+
+# The tables of docs/mismatch-study.md. "extreme": the first study (12-token completions, mismatch chosen to be
 # visible: 30 % of positions perturbed, two-step staleness at lr 3e-3). "realistic": the mismatch real engines show
 # (bf16 precision; routing flips in a fixed 0.3 % of the two-token contexts; one-step staleness at lr 1e-3), answers of
 # 110-130 characters (~64-75 tokens), 5 seeds, sized to run in under 30 minutes on 2 cores.
@@ -100,144 +142,27 @@ PRESETS: dict[str, StudyConfig] = {
         plots_dir=PLOTS_DIR / "realistic",
         tag="study_realistic",
     ),
+    # Issue 17: harmful families, trained as TRL trains (num_iterations = 4), 10 seeds, the controls. The core cells:
+    # every arm on `collapse`; `none` only on `stale8` (its positive control failed in the pilot: shown, not ranked).
+    "harmful": HARMFUL,
+    # `make study-stale`: staleness at lr 6e-3 (its own clean reference), the third staleness attempt, every arm.
+    "harmful-stale": dataclasses.replace(
+        HARMFUL,
+        learning_rate=6e-3,
+        kinds=("clean", "stale4"),
+        control_only_kinds=(),
+        plots_dir=PLOTS_DIR / "harmful-stale",
+        tag="study_harmful_stale",
+    ),
+    # `make study-full`: every arm on both collapse attempts and on stale8, and the other staleness positive controls.
+    "harmful-full": dataclasses.replace(
+        HARMFUL,
+        kinds=("clean", "collapse", "collapse_half", "stale8", "stale4", "stale12"),
+        control_only_kinds=("stale4", "stale12"),
+        plots_dir=PLOTS_DIR / "harmful-full",
+        tag="study_harmful_full",
+    ),
 }
-
-
-def _trl_sequence_mask_trainer():
-    """`TRMTrainer` whose mask is TRL's `sequence_mask` importance sampling (grpo_trainer.py, 1.16, the
-    `vllm_importance_sampling_correction` block): ratio_i = exp(sum_t (log pi_old - log pi_roll)) per sequence,
-    set to 0 outside [clip_min, clip_max] (defaults: None, 3.0), and the per-token loss is MULTIPLIED by that ratio
-    (not by 1). The config is `seq_mis` with C = 3 (same keep set, same metrics); this override only turns the 0/1
-    mask into ratio * keep. Seam: `TRMTrainer._trm_weights` (the loss weights of one batch's mask). pi_old here is
-    the policy at the loss, which equals TRL's pi_old because generation happens every optimizer step."""
-    from trl_trm import TRMTrainer
-
-    class TRLSequenceMaskTrainer(TRMTrainer):
-        def _trm_weights(self, result, old_logps, sampling, mask, ratio_max):
-            ratio = result.seq_log_ratio.exp().unsqueeze(-1)  # (B, 1), zero weight already outside [0, 3]
-            return result.weights * ratio  # (B, T): the 0/1 sequence mask times the product ratio
-
-    return TRLSequenceMaskTrainer
-
-
-TASK = "class"  # "class", "copy" or "reverse" (see task_rows)
-
-
-def task_rows(n: int, seed: int, task: str | None = None, min_len: int = 2, max_len: int = 12) -> list[dict[str, Any]]:
-    """String tasks on words of ``min_len``-``max_len`` letters from a-j: "reverse: <word>" -> the reversed word (the
-    demo's task, `trl_trm.demo`) or "copy: <word>" -> the word (easier: the tiny model learns it by RL in the
-    study's budget, reversal it does not). Words are longer than the demo's 2-4 letters, so completion lengths spread."""
-    import random
-
-    task = TASK if task is None else task
-    if task not in ("copy", "reverse", "class"):
-        raise ValueError(f"Unknown task {task!r}: 'class', 'copy' or 'reverse'.")
-    rng = random.Random(seed)
-    rows = []
-    if task == "class":  # "letters 5" -> 5 letters from a-j; "digits 3" -> 3 digits (graded by class_reward)
-        for _ in range(n):
-            kind, count = rng.choice(("letters", "digits")), rng.randint(min_len, max_len)
-            target = ("a" if kind == "letters" else "0") * count  # a representative answer; any of the class scores
-            rows.append({"prompt": [{"role": "user", "content": f"{kind} {count}"}], "target": target})
-        return rows
-    for _ in range(n):
-        word = "".join(rng.choice("abcdefghij") for _ in range(rng.randint(min_len, max_len)))
-        target = word[::-1] if task == "reverse" else word
-        rows.append({"prompt": [{"role": "user", "content": f"{task}: {word}"}], "target": target})
-    return rows
-
-
-def positional_reward(completions, target, **kwargs) -> list[float]:
-    """Exact, graded reward in [0, 1]: the fraction of positions where the answer matches the target, over the longer
-    of the two (1.0 = exactly the target). The positional half of `trl_trm.rewards.reversal`; its other half (fraction
-    of the word's letters, at any length) let RL drift to long answers here, so it is left out."""
-    rewards = []
-    for completion, want in zip(completions, target, strict=True):
-        got = (completion[-1]["content"] if isinstance(completion, list) else completion).strip()
-        hits = sum(a == b for a, b in zip(got, want, strict=False))
-        rewards.append(hits / max(len(want), len(got), 1))
-    return rewards
-
-
-def class_reward(completions, target, **kwargs) -> list[float]:
-    """Exact, graded reward in [0, 1] of the "class" task: (fraction of the answer's characters in the requested class,
-    a-j or 0-9) x (1 - |answer length - requested length| / requested length, floored at 0). 1.0 = exactly the
-    requested number of characters, all of the class. Spaces count as characters (outside both classes)."""
-    rewards = []
-    for completion, want in zip(completions, target, strict=True):
-        got = (completion[-1]["content"] if isinstance(completion, list) else completion).strip()
-        if not got:
-            rewards.append(0.0)
-            continue
-        allowed = "abcdefghij" if want[0] == "a" else "0123456789"
-        in_class = sum(c in allowed for c in got) / len(got)
-        length = max(0.0, 1.0 - abs(len(got) - len(want)) / len(want))
-        rewards.append(in_class * length)
-    return rewards
-
-
-def task_reward(completions, target, **kwargs) -> list[float]:
-    """The reward of :data:`TASK`."""
-    fn = class_reward if TASK == "class" else positional_reward
-    return fn(completions, target, **kwargs)
-
-
-def _eval_rows(n: int, answer_len: tuple[int, int] = (2, 12)) -> list[dict[str, Any]]:
-    return task_rows(n, seed=10_000, min_len=answer_len[0], max_len=answer_len[1])  # held out: training uses 0, 1, ...
-
-
-def warm_start(
-    tokenizer,
-    seed: int,
-    steps: int,
-    lr: float = 3e-3,
-    batch: int = 32,
-    hidden_size: int = 64,
-    answer_len: tuple[int, int] = (2, 12),
-):
-    """A short supervised warm start (teacher forcing on prompt + reversed word + EOS, loss on the answer only), so
-    that RL starts from a weak but non-trivial policy that ends its answers (variable lengths), as RL after SFT does.
-    Deliberately under-trained: RL has room to improve."""
-    import random
-
-    import torch
-
-    from trl_trm.tiny import build_tiny_model
-
-    model = build_tiny_model(tokenizer, seed=seed, hidden_size=hidden_size)
-    if steps <= 0:
-        return model
-    rows = task_rows(steps * batch, seed=50_000 + seed, min_len=answer_len[0], max_len=answer_len[1])
-    sft_rng = random.Random(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    model.train()
-    for step in range(steps):
-        chunk = rows[step * batch : (step + 1) * batch]
-        seqs, starts = [], []
-        for row in chunk:
-            prompt = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=True)
-            prompt = prompt["input_ids"] if hasattr(prompt, "keys") else prompt
-            text = row["target"]
-            if text[0] in "a0" and set(text) == {text[0]}:  # "class" task: a random answer of the class
-                alphabet = "abcdefghij" if text[0] == "a" else "0123456789"
-                text = "".join(sft_rng.choice(alphabet) for _ in text)
-            answer = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-            seqs.append(prompt + answer)
-            starts.append(len(prompt))
-        width = max(len(x) for x in seqs)
-        ids = torch.full((len(seqs), width), tokenizer.pad_token_id)
-        labels = torch.full((len(seqs), width), -100)
-        attn = torch.zeros(len(seqs), width, dtype=torch.long)
-        for i, (x, st) in enumerate(zip(seqs, starts, strict=True)):
-            ids[i, : len(x)] = torch.tensor(x)
-            attn[i, : len(x)] = 1
-            labels[i, st : len(x)] = torch.tensor(x[st:])
-        loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    return model
 
 
 _EVAL_INIT: dict[tuple, float] = {}  # per process: held-out reward of the warm-started weights
@@ -272,83 +197,104 @@ def _set_threads(n: int) -> None:
     torch.set_num_threads(n)
 
 
-def run_one(kind: str, method: str, seed: int, cfg: StudyConfig, threads: int = 1) -> dict[str, Any]:
-    """Train one (mismatch kind, method, seed) and return its curves and summary numbers."""
+def _trainer_args(cfg: StudyConfig, method: str, seed: int, out: str, batch: int):
+    """The `TRMConfig` of one run: the study's settings and the method's overrides."""
+    from trl_trm import TRMConfig
+
+    return TRMConfig(
+        output_dir=out,
+        use_cpu=True,
+        bf16=False,  # the trainer runs fp32: the only mismatch is the rollout engine's
+        seed=seed,
+        max_steps=cfg.steps,
+        per_device_train_batch_size=batch,
+        num_generations=cfg.num_generations,
+        num_iterations=cfg.num_iterations,
+        max_completion_length=cfg.max_completion_length,
+        temperature=1.0,
+        learning_rate=cfg.learning_rate,
+        warmup_steps=cfg.steps // 10,  # Adam's first full-size steps otherwise undo part of the warm start
+        beta=0.0,
+        loss_type="dapo",
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        gradient_checkpointing=False,
+        disable_tqdm=True,
+        **METHODS[method],
+    )
+
+
+def run_one(
+    kind: str, method: str, seed: int, cfg: StudyConfig, threads: int = 1, control: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Train one (mismatch kind, method, seed) and return its curves and summary numbers. ``control``: what a
+    control arm takes from the `trm` run of the same kind and seed (`study_arms.control_setting`)."""
     for key, value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}.items():
         os.environ.setdefault(key, value)
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     from datasets import Dataset
+    from transformers import PrinterCallback
     from transformers.utils import logging as hf_logging
 
     from experiments.rollout_engine import MismatchRollout
-    from trl_trm import TRMConfig, TRMTrainer
+    from trl_trm import TRMTrainer
     from trl_trm.tiny import build_tiny_tokenizer
 
     hf_logging.set_verbosity_error()
     _set_threads(threads)
     start = time.perf_counter()
+    control = control or {}
+    batch = control.get("batch", cfg.batch)
     tokenizer = build_tiny_tokenizer()
     model = _warm_started(tokenizer, seed, cfg)
-    prompts_needed = cfg.steps * cfg.batch // cfg.num_generations
     lo, hi = cfg.answer_len
-    train = Dataset.from_list(task_rows(max(prompts_needed, 16), seed=seed, min_len=lo, max_len=hi))
-    overrides = dict(METHODS[method])
-    topk = overrides.get("trm_rollout_topk", 0)
+    train = Dataset.from_list(
+        task_rows(max(cfg.steps * batch // cfg.num_generations, 16), seed=seed, min_len=lo, max_len=hi)
+    )
+    trainer_cls = TRMTrainer
+    if method == "trl_sequence_mask":
+        trainer_cls = trl_sequence_mask_trainer()
+    elif method == "trm_random":
+        trainer_cls = random_mask_trainer(control.get("rates", []), seed)
     with tempfile.TemporaryDirectory() as out:
-        args = TRMConfig(
-            output_dir=out,
-            use_cpu=True,
-            bf16=False,  # the trainer runs fp32: the only mismatch is the rollout engine's
-            seed=seed,
-            max_steps=cfg.steps,
-            per_device_train_batch_size=cfg.batch,
-            num_generations=cfg.num_generations,
-            max_completion_length=cfg.max_completion_length,
-            temperature=1.0,
-            learning_rate=cfg.learning_rate,
-            warmup_steps=cfg.steps // 10,  # Adam's first full-size steps otherwise undo part of the warm start
-            beta=0.0,
-            loss_type="dapo",
-            logging_steps=1,
-            save_strategy="no",
-            report_to=[],
-            gradient_checkpointing=False,
-            disable_tqdm=True,
-            **overrides,
-        )
-        rollout = MismatchRollout(**KINDS[kind], topk=topk, seed=seed)
-        trainer_cls = _trl_sequence_mask_trainer() if method == "trl_sequence_mask" else TRMTrainer
+        args = _trainer_args(cfg, method, seed, out, batch)
+        rollout = MismatchRollout(**KINDS[kind], topk=METHODS[method].get("trm_rollout_topk", 0), seed=seed)
+        reward = class_fatal_reward if cfg.fatal else task_reward
         trainer = trainer_cls(
             model=model,
-            reward_funcs=task_reward,
+            reward_funcs=reward,
             args=args,
             train_dataset=train,
             processing_class=tokenizer,
             rollout_func=rollout,
         )
-        from transformers import PrinterCallback
-
         trainer.remove_callback(PrinterCallback)  # one progress line per run instead of every log dict
         # What `evaluate` of the warm-started weights depends on: those weights and the evaluation settings.
-        init_key = (*_warm_key(seed, cfg), cfg.eval_prompts, cfg.eval_samples, cfg.max_completion_length)
+        init_key = (*_warm_key(seed, cfg), cfg.eval_prompts, cfg.eval_samples, cfg.max_completion_length, cfg.fatal)
         if init_key not in _EVAL_INIT:  # the same weights and sampling seed for every method of a seed
             _EVAL_INIT[init_key] = evaluate(trainer, cfg, seed)
         eval_init = _EVAL_INIT[init_key]
         trainer.train()
         eval_final = evaluate(trainer, cfg, seed)
-    steps = [h for h in trainer.state.log_history if "reward" in h]
+    # One entry per optimizer step (TRL logs the rewards only at the steps that generate: NaN at the others).
+    steps = [h for h in trainer.state.log_history if "loss" in h and "train_runtime" not in h]
     keys = sorted({k for h in steps for k, v in h.items() if isinstance(v, (int, float))})
-    curves = {k: [_num(h.get(k)) for h in steps] for k in keys}
+    p_token = sorted(rollout.collapse_p_token)
     return {
         "kind": kind,
         "method": method,
         "seed": seed,
         "steps": len(steps),
+        "batch": batch,
         "eval_reward_init": eval_init,
         "eval_reward_final": eval_final,
         "wall_s": time.perf_counter() - start,
         "flip_rate": rollout.flip_rate,  # perturbed fraction of the sampled completion tokens (impulse, flip)
-        "curves": curves,
+        "fragile_visits_per_sequence": rollout.flipped_tokens / max(rollout.sampled_sequences, 1),
+        "collapse_p_token_median": p_token[len(p_token) // 2] if p_token else math.nan,
+        "collapse_p_token_le_1e-3": sum(p <= 1e-3 for p in p_token) / len(p_token) if p_token else math.nan,
+        "curves": {k: [_num(h.get(k)) for h in steps] for k in keys},
     }
 
 
@@ -383,215 +329,55 @@ def evaluate(trainer, cfg: StudyConfig, seed: int) -> float:
         torch.set_rng_state(rng_state)  # training continues with the RNG stream it would have had
     texts = tok.batch_decode(out["completion_ids"], skip_special_tokens=True)
     completions = [[{"role": "assistant", "content": t}] for t in texts]
-    rewards = task_reward(completions, targets)
+    rewards = (class_fatal_reward if cfg.fatal else task_reward)(completions, targets)
     return sum(rewards) / len(rewards)
 
 
-# ------------------------------------------------------------------------------------------------ aggregation
-def _mean(xs: list[float]) -> float:
-    xs = [x for x in xs if not math.isnan(x)]
-    return sum(xs) / len(xs) if xs else math.nan
-
-
-def _std(xs: list[float]) -> float:
-    xs = [x for x in xs if not math.isnan(x)]
-    return statistics.stdev(xs) if len(xs) > 1 else 0.0 if xs else math.nan
-
-
-def summarize_run(run: dict[str, Any], spike_threshold: float, last: int = 5) -> dict[str, Any]:
-    c = run["curves"]
-    grad = [g for g in c.get("grad_norm", []) if not math.isnan(g)]
-    tail = c["reward"][-last:]
-    return {
-        "kind": run["kind"],
-        "method": run["method"],
-        "seed": run["seed"],
-        "eval_reward_init": run["eval_reward_init"],
-        "eval_reward_final": run["eval_reward_final"],
-        "train_reward_first": _mean(c["reward"][:last]),
-        "train_reward_last": _mean(tail),
-        "accept_rate": _mean(c.get("trm/accept_rate", [])),
-        "token_weight": _mean(c.get("trm/token_weight/mean", [])),
-        "kl_k3": _mean(c.get("trm/kl_k3", [])),
-        "log_ratio_abs_max": _mean(c.get("trm/log_ratio_abs_max/mean", [])),
-        **{f"accept_q{q}": _mean(c.get(f"trm/accept_rate/length_q{q}", [])) for q in range(1, 5)},
-        "grad_norm_median": statistics.median(grad) if grad else math.nan,
-        "grad_norm_max": max(grad) if grad else math.nan,
-        "grad_spikes": sum(g > spike_threshold for g in grad),
-        "mean_length": _mean(c.get("completions/mean_length", [])),
-        "flip_rate": run.get("flip_rate", 0.0),
-        "wall_s": run["wall_s"],
-    }
-
-
-SUMMARY_FIELDS = (
-    "eval_reward_final",
-    "train_reward_last",
-    "accept_rate",
-    "accept_q1",
-    "accept_q4",
-    "grad_norm_max",
-    "grad_spikes",
-    "kl_k3",
-)
-
-
-def aggregate(rows: list[dict[str, Any]], baseline: str = "none") -> list[dict[str, Any]]:
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for r in rows:
-        groups.setdefault((r["kind"], r["method"]), []).append(r)
-    out = []
-    for (kind, method), rs in groups.items():
-        agg: dict[str, Any] = {"kind": kind, "method": method, "seeds": len(rs)}
-        for f in SUMMARY_FIELDS + ("eval_reward_init", "token_weight", "accept_q2", "accept_q3", "mean_length"):
-            vals = [float(r[f]) for r in rs]
-            agg[f"{f}_mean"], agg[f"{f}_std"] = _mean(vals), _std(vals)
-        # Paired by seed against the baseline (same warm start, same held-out prompts and sampling seed): the
-        # difference of final eval rewards, mean and standard error over seeds.
-        base = {r["seed"]: r["eval_reward_final"] for r in groups.get((kind, baseline), [])}
-        deltas = [r["eval_reward_final"] - base[r["seed"]] for r in rs if r["seed"] in base]
-        agg["delta_eval_mean"] = _mean(deltas) if deltas else math.nan
-        agg["delta_eval_se"] = _std(deltas) / math.sqrt(len(deltas)) if len(deltas) > 1 else math.nan
-        out.append(agg)
-    return out
-
-
-def markdown_table(agg: list[dict[str, Any]], kinds: tuple[str, ...], methods: tuple[str, ...]) -> str:
-    head = (
-        "| kind | method | eval reward (final) | Δ vs none (paired) | train reward (last 5) | accept rate | "
-        "accept q1 (short) | accept q4 (long) | max grad-norm | grad spikes | k3 KL | mean length |\n"
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
-    )
-    index = {(a["kind"], a["method"]): a for a in agg}
-    lines = []
-    for kind in kinds:
-        for method in methods:
-            a = index.get((kind, method))
-            if a is None:
-                continue
-
-            def pm(f: str, fmt: str = ".3f", a: dict[str, Any] = a) -> str:
-                m, s = a[f"{f}_mean"], a[f"{f}_std"]
-                return "n/a" if math.isnan(m) else f"{m:{fmt}} ± {s:{fmt}}"
-
-            d, se = a.get("delta_eval_mean", math.nan), a.get("delta_eval_se", math.nan)
-            delta = "—" if method == "none" or math.isnan(d) else f"{d:+.3f} ± {se:.3f}"
-            lines.append(
-                f"| {kind} | {method} | {pm('eval_reward_final')} | {delta} | {pm('train_reward_last')} "
-                f"| {pm('accept_rate')} | {pm('accept_q1')} | {pm('accept_q4')} | {pm('grad_norm_max', '.2f')} | "
-                f"{pm('grad_spikes', '.1f')} | {pm('kl_k3', '.2e')} | {pm('mean_length', '.1f')} |"
-            )
-    return head + "\n".join(lines) + "\n"
-
-
-# ------------------------------------------------------------------------------------------------ plots
-def plot(runs: list[dict[str, Any]], agg: list[dict[str, Any]], cfg: StudyConfig, spike: float) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cfg.plots_dir.mkdir(parents=True, exist_ok=True)
-    kinds = [k for k in cfg.kinds if any(r["kind"] == k for r in runs)]
-    methods = [m for m in cfg.methods if any(r["method"] == m for r in runs)]
-    colors = {m: plt.cm.tab10(i) for i, m in enumerate(methods)}
-    files = []
-
-    def curve_mean(kind: str, method: str, key: str) -> list[float]:
-        cs = [r["curves"].get(key, []) for r in runs if r["kind"] == kind and r["method"] == method]
-        n = min((len(c) for c in cs), default=0)
-        return [_mean([c[i] for c in cs]) for i in range(n)]
-
-    for key, name, ylabel in (
-        ("reward", "reward_curves.png", "training reward (rollouts, mean over seeds)"),
-        ("grad_norm", "grad_norm_curves.png", "grad norm before clipping (mean over seeds)"),
-        ("trm/accept_rate", "accept_rate_curves.png", "accept rate (mean over seeds)"),
-    ):
-        fig, axes = plt.subplots(1, len(kinds), figsize=(5 * len(kinds), 3.6), squeeze=False)
-        for ax, kind in zip(axes[0], kinds, strict=True):
-            for method in methods:
-                ys = curve_mean(kind, method, key)
-                ax.plot(range(1, len(ys) + 1), ys, label=method, color=colors[method], lw=1.3)
-            if key == "grad_norm":
-                ax.axhline(spike, color="grey", ls=":", lw=1)
-                ax.set_yscale("log")
-            ax.set_title(kind)
-            ax.set_xlabel("optimizer step")
-            ax.set_ylabel(ylabel, fontsize=8)
-        axes[0][-1].legend(fontsize=7, loc="best")
-        fig.tight_layout()
-        path = cfg.plots_dir / name
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        files.append(str(path))
-
-    index = {(a["kind"], a["method"]): a for a in agg}
-    for field, name, ylabel in (
-        ("eval_reward_final", "final_eval_reward.png", "held-out reward after training (clean sampling)"),
-        ("accept_rate", "accept_rate.png", "mean accept rate"),
-    ):
-        fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(kinds) * len(methods) / 3, 3.6))
-        width = 0.8 / max(len(methods), 1)
-        for j, method in enumerate(methods):
-            xs = [i + j * width for i in range(len(kinds))]
-            ys = [index[(k, method)][f"{field}_mean"] if (k, method) in index else math.nan for k in kinds]
-            es = [index[(k, method)][f"{field}_std"] if (k, method) in index else 0.0 for k in kinds]
-            ax.bar(xs, ys, width, yerr=es, label=method, color=colors[method], capsize=2)
-        if field == "eval_reward_final":
-            init = _mean([a["eval_reward_init_mean"] for a in agg])
-            ax.axhline(init, color="grey", ls=":", lw=1, label="before training")
-        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(kinds))], kinds)
-        ax.set_ylabel(ylabel, fontsize=8)
-        ax.legend(fontsize=7, ncol=2)
-        fig.tight_layout()
-        path = cfg.plots_dir / name
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        files.append(str(path))
-
-    fig, axes = plt.subplots(1, len(kinds), figsize=(5 * len(kinds), 3.6), squeeze=False)
-    for ax, kind in zip(axes[0], kinds, strict=True):
-        for method in methods:
-            a = index.get((kind, method))
-            if a is None:
-                continue
-            ys = [a[f"accept_q{q}_mean"] for q in range(1, 5)]
-            ax.plot([1, 2, 3, 4], ys, marker="o", label=method, color=colors[method])
-        ax.set_xticks([1, 2, 3, 4], ["q1\nshortest", "q2", "q3", "q4\nlongest"])
-        ax.set_title(kind)
-        ax.set_ylabel("accept rate by completion-length quartile", fontsize=8)
-        ax.set_ylim(-0.02, 1.02)
-    axes[0][-1].legend(fontsize=7)
-    fig.tight_layout()
-    path = cfg.plots_dir / "accept_rate_by_length.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    files.append(str(path))
-    return files
-
-
 # ------------------------------------------------------------------------------------------------ driver
-def _job(args: tuple[str, str, int, StudyConfig, int]) -> dict[str, Any]:
+def _job(args: tuple) -> dict[str, Any]:
     return run_one(*args)
 
 
+def _jobs(cfg: StudyConfig, phase: int, done: list[dict[str, Any]]) -> list[tuple]:
+    """Phase 0: every arm but the controls; phase 1: the controls, from the `trm` run of their kind and seed."""
+    threads = 1 if cfg.workers > 1 else 2
+    trm = {(r["kind"], r["seed"]): r for r in done if r["method"] == "trm"}
+    jobs = []
+    for s in cfg.seeds:
+        for k in cfg.kinds:
+            methods = ("none",) if k == cfg.reference_kind or k in cfg.control_only_kinds else cfg.methods
+            for m in methods:
+                if phase == 0 and m not in CONTROLS:
+                    jobs.append((k, m, s, cfg, threads))
+                elif phase == 1 and m in CONTROLS:
+                    if (k, s) not in trm:
+                        raise ValueError(
+                            f"The control {m!r} needs the `trm` arm of kind {k!r}: add `trm` to the methods."
+                        )
+                    jobs.append(
+                        (k, m, s, cfg, threads, control_setting(m, trm[(k, s)], cfg.batch, cfg.num_generations))
+                    )
+    return jobs
+
+
 def run_study(cfg: StudyConfig) -> dict[str, Any]:
-    jobs = [(k, m, s, cfg, 1 if cfg.workers > 1 else 2) for s in cfg.seeds for k in cfg.kinds for m in cfg.methods]
     start = time.perf_counter()
     load_before = os.getloadavg()
     runs: list[dict[str, Any]] = []
-    if cfg.workers > 1:
-        import multiprocessing
+    for phase in (0, 1):
+        jobs = _jobs(cfg, phase, runs)
+        if cfg.workers > 1 and len(jobs) > 1:
+            import multiprocessing
 
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=cfg.workers, mp_context=ctx) as pool:
-            for i, run in enumerate(pool.map(_job, jobs)):
-                runs.append(run)
-                _progress(i + 1, len(jobs), run, start)
-    else:
-        for i, job in enumerate(jobs):
-            runs.append(_job(job))
-            _progress(i + 1, len(jobs), runs[-1], start)
+            ctx = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(max_workers=cfg.workers, mp_context=ctx) as pool:
+                for i, run in enumerate(pool.map(_job, jobs)):
+                    runs.append(run)
+                    _progress(i + 1, len(jobs), run, start)
+        else:
+            for i, job in enumerate(jobs):
+                runs.append(_job(job))
+                _progress(i + 1, len(jobs), runs[-1], start)
     elapsed = time.perf_counter() - start
     meta = {
         "command": " ".join([os.path.basename(sys.executable), "-m", "experiments.mismatch_study", *sys.argv[1:]]),
@@ -605,43 +391,6 @@ def run_study(cfg: StudyConfig) -> dict[str, Any]:
     return write_report(runs, cfg, meta)
 
 
-def write_report(runs: list[dict[str, Any]], cfg: StudyConfig, meta: dict[str, Any]) -> dict[str, Any]:
-    """Summaries, aggregate, JSON/CSV/markdown and plots from the runs' curves (also used by ``--reaggregate``)."""
-    # Gradient-norm spike threshold: 3x the median per-step grad norm of the uncorrected runs of the mildest kind
-    # present (precision if run), i.e. of near on-policy training.
-    ref_kind = "precision" if "precision" in cfg.kinds else cfg.kinds[0]
-    ref = [
-        g for r in runs if r["kind"] == ref_kind and r["method"] == cfg.methods[0] for g in r["curves"]["grad_norm"]
-    ]
-    ref = [g for g in ref if not math.isnan(g)]
-    spike = 3.0 * statistics.median(ref) if ref else math.inf
-    rows = [summarize_run(r, spike) for r in runs]
-    agg = aggregate(rows)
-    cfg.out_dir.mkdir(parents=True, exist_ok=True)
-    meta = {
-        **meta,
-        "grad_spike_threshold": spike,
-        "grad_spike_reference": f"3 x median grad_norm of ({ref_kind}, {cfg.methods[0]}) runs",
-    }
-    report = {"meta": meta, "summary": agg, "runs": rows, "curves": runs}
-    json_path = cfg.out_dir / f"{cfg.tag}.json"
-    json_path.write_text(json.dumps(report, indent=1, default=float) + "\n")
-    with open(cfg.out_dir / f"{cfg.tag}_runs.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    with open(cfg.out_dir / f"{cfg.tag}_summary.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(agg[0]))
-        writer.writeheader()
-        writer.writerows(agg)
-    table = markdown_table(agg, cfg.kinds, cfg.methods)
-    (cfg.out_dir / f"{cfg.tag}_table.md").write_text(table)
-    plots = plot(runs, agg, cfg, spike) if cfg.plots_dir is not None else []
-    print(table)
-    print(f"{len(runs)} runs in {meta['wall_s']:.0f} s; results in {cfg.out_dir}; plots: {', '.join(plots) or 'none'}")
-    return report
-
-
 def _progress(i: int, n: int, run: dict[str, Any], start: float) -> None:
     print(
         f"[{i:>3}/{n}] {run['kind']:<9} {run['method']:<17} seed {run['seed']}  eval reward "
@@ -653,8 +402,8 @@ def _progress(i: int, n: int, run: dict[str, Any], start: float) -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", choices=list(PRESETS), default="realistic", help="which table (default realistic)")
-    parser.add_argument("--smoke", action="store_true", help="2 steps, impulse kind, methods none and trm, seed 0")
+    parser.add_argument("--preset", choices=list(PRESETS), default="harmful", help="which table (default harmful)")
+    parser.add_argument("--smoke", action="store_true", help="harmful path at toy size: 4 steps, 5 runs, seed 0")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--kinds", nargs="+", choices=list(KINDS), default=None)
@@ -668,13 +417,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     a = parser.parse_args(argv)
     cfg = PRESETS[a.preset]
-    if a.smoke:
+    if a.smoke:  # the harmful preset's path at toy size: one generated batch, 4 optimizer steps, the controls
         cfg = dataclasses.replace(
-            cfg,
-            steps=2,
+            PRESETS["harmful"],
+            steps=4,
             seeds=(0,),
-            kinds=("impulse",),
-            methods=("none", "trm"),
+            batch=16,
+            kinds=("clean", "collapse"),
+            methods=("none", "trm", "trm_random", "trm_equal"),
             workers=1,
             tag="smoke",
             eval_prompts=8,

@@ -16,8 +16,15 @@ real inference engine does. Three kinds of mismatch, one at a time:
   rollout engine uses a very different distribution, logits + ``impulse_sigma`` * N(0, 1) with noise that is a
   deterministic function of the context (the same context always flips the same way, as a routing decision does).
   The engine counts the flipped positions (:attr:`MismatchRollout.flip_rate`).
-* ``stale``: the rollout samples with the weights of ``stale_k`` optimizer steps ago (the oldest available during
-  the first ``stale_k`` steps).
+* ``collapse``: support collapse in fragile contexts that decide the reward. Each prompt of the study's task asks for
+  N characters; a fixed fraction ``collapse_fraction`` of the (class, N) prompts is fragile (drawn once from
+  ``seed``). In a fragile prompt, at the first position where the answer has reached N characters (the context where
+  the policy should end its answer), the engine puts ``collapse_mass`` on ``collapse_token`` (a token the trainer
+  gives ~1e-3 or less, and the task's fatal token: the reward is 0 once it appears) and the rest on the policy's
+  distribution, and reports that distribution's log-prob. :attr:`MismatchRollout.collapse_p_token` records the
+  engine copy's own probability of the token at each visit (the trainer's, up to KV-cache rounding).
+* ``stale``: the rollout samples with the weights of ``stale_k`` optimizer steps ago (the newest weights synced at or
+  before that step; the oldest available during the first steps).
 * ``none``: fp32 copy of the current weights, no perturbation: rollout log-probs equal the trainer's up to the
   rounding difference between incremental (KV-cache) decoding and the trainer's full forward (~1e-6).
 
@@ -38,7 +45,7 @@ from typing import Any
 
 import torch
 
-KINDS = ("none", "precision", "impulse", "flip", "stale")
+KINDS = ("none", "precision", "impulse", "flip", "stale", "collapse")
 
 
 class _ImpulseNoise:
@@ -85,6 +92,44 @@ class _FragileContexts:
         return scores
 
 
+class _SupportCollapse:
+    """LogitsProcessor: in each row with a target (its prompt is fragile), at the first step where the answer's
+    character count reaches the target, the sampling distribution becomes ``mass`` on ``token`` + (1 - mass) x the
+    policy's, returned as log-probs (so it needs temperature 1)."""
+
+    def __init__(self, targets: list[int | None], char_len: torch.Tensor, prompt_width: int, token: int, mass: float):
+        self.targets = torch.tensor([t if t is not None else 2**62 for t in targets])  # (B,), "never" for safe rows
+        self.char_len, self.prompt_width, self.token, self.mass = char_len, prompt_width, token, mass
+        self.visited = torch.zeros(len(targets), dtype=torch.bool)  # (B,)
+        self.flips: list[torch.Tensor] = []  # (B,) bool per generated step
+        self.p_token: list[float] = []  # the policy's probability of `token` at each visit
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        answer = input_ids[:, self.prompt_width :]  # (B, t) tokens generated so far (EOS and padding count 0 chars)
+        count = self.char_len[answer].sum(-1) if answer.size(1) else torch.zeros_like(self.targets)  # (B,)
+        hit = (count >= self.targets) & ~self.visited  # (B,)
+        self.visited |= hit
+        self.flips.append(hit)
+        if not bool(hit.any()):
+            return scores
+        probs = torch.softmax(scores.float(), dim=-1)  # (B, V)
+        self.p_token.extend(probs[hit, self.token].tolist())
+        mixed = (1.0 - self.mass) * probs
+        mixed[:, self.token] += self.mass
+        return torch.where(hit.unsqueeze(1), mixed.log().to(scores.dtype), scores)
+
+
+def fragile_prompt_target(text: str, fraction: float, seed: int) -> int | None:
+    """The requested length N of a study prompt ("letters N" / "digits N") if that (class, N) is fragile, else None.
+    The fragile set is fixed by ``seed``: each (class, N) is fragile with probability ``fraction``."""
+    import random
+
+    parts = text.split()
+    if len(parts) != 2 or not parts[1].isdigit():
+        return None
+    return int(parts[1]) if random.Random(f"{seed}-{parts[0]}-{parts[1]}").random() < fraction else None
+
+
 class MismatchRollout:
     """TRL ``rollout_func`` sampling from a copy of the policy with a controlled mismatch (module docstring).
 
@@ -94,6 +139,8 @@ class MismatchRollout:
         impulse_sigma: standard deviation of the Gaussian logit noise at a perturbed step (``impulse`` and ``flip``).
         flip_fraction: fraction of all two-token contexts that are fragile (``flip``).
         stale_k: age in optimizer steps of the rollout weights (``stale``).
+        collapse_fraction, collapse_token, collapse_mass: the fragile share of the prompts, the collapsed-onto token
+            and its probability (``collapse``).
         topk: also return the top-k of the sampling distribution per token (for ``trm_exact``); 0 = off.
         seed: seed of the engine's own random generator (the perturbation); token sampling uses torch's global RNG,
             which the trainer seeds.
@@ -109,11 +156,19 @@ class MismatchRollout:
         stale_k: int = 0,
         topk: int = 0,
         seed: int = 0,
+        collapse_fraction: float = 0.0,
+        collapse_token: int = 3,
+        collapse_mass: float = 0.95,
     ):
         if kind not in KINDS:
             raise ValueError(f"Unknown mismatch kind {kind!r}: choose one of {list(KINDS)}.")
         if not 0.0 <= impulse_p <= 1.0:
             raise ValueError(f"`impulse_p` must be a probability in [0, 1], got {impulse_p}.")
+        if not 0.0 <= collapse_fraction <= 1.0 or not 0.0 < collapse_mass < 1.0:
+            raise ValueError(
+                f"`collapse_fraction` must lie in [0, 1] and `collapse_mass` in (0, 1), got {collapse_fraction}, "
+                f"{collapse_mass}."
+            )
         if not 0.0 <= flip_fraction <= 1.0:
             raise ValueError(f"`flip_fraction` must be a fraction in [0, 1], got {flip_fraction}.")
         if impulse_sigma < 0 or stale_k < 0 or topk < 0:
@@ -128,10 +183,18 @@ class MismatchRollout:
             topk,
         )
         self.flip_fraction, self.seed = flip_fraction, seed
+        self.collapse_fraction, self.collapse_token, self.collapse_mass = (
+            collapse_fraction,
+            collapse_token,
+            collapse_mass,
+        )
+        self.collapse_p_token: list[float] = []  # the policy's probability of collapse_token at each fragile visit
+        self.char_len: torch.Tensor | None = None  # (V,) characters per token (collapse), from set_tokenizer
         self.generator = torch.Generator().manual_seed(seed)
         self._fragile: _FragileContexts | None = None
         self.flipped_tokens = 0  # completion tokens sampled from a perturbed distribution (impulse, flip), all calls
         self.sampled_tokens = 0  # completion tokens sampled, all calls
+        self.sampled_sequences = 0  # completions sampled, all calls
         self.model: torch.nn.Module | None = None
         self.snapshots: dict[int, dict[str, torch.Tensor]] = {}  # optimizer step -> trainer weights (stale)
         self.weights_step: int | None = None  # the optimizer step whose weights the last rollout used
@@ -156,8 +219,9 @@ class MismatchRollout:
         use_step = step
         if self.kind == "stale":
             self.snapshots[step] = state
-            use_step = max(min(self.snapshots), step - self.stale_k)
-            for old in [s for s in self.snapshots if s < step - self.stale_k]:
+            older = [s for s in self.snapshots if s <= step - self.stale_k]  # syncs need not happen every step
+            use_step = max(older) if older else min(self.snapshots)
+            for old in [s for s in self.snapshots if s < use_step]:
                 del self.snapshots[old]
             state = self.snapshots[use_step]
         self.model.float()
@@ -167,11 +231,26 @@ class MismatchRollout:
         self.weights_step = use_step
 
     # -------------------------------------------------------------------------------------------- sampling
+    def set_tokenizer(self, tokenizer) -> None:
+        """Characters per token id (``collapse`` counts the answer's characters); special tokens count 0."""
+        special = set(tokenizer.all_special_ids)
+        size = self.model.config.vocab_size if self.model is not None else len(tokenizer)
+        lens = [0 if i in special else len(tokenizer.decode([i])) for i in range(size)]
+        self.char_len = torch.tensor(lens)
+
     @torch.no_grad()
     def generate(
-        self, prompt_ids: list[list[int]], *, max_new_tokens: int, temperature: float, pad_id: int, eos_id: int
+        self,
+        prompt_ids: list[list[int]],
+        *,
+        max_new_tokens: int,
+        temperature: float,
+        pad_id: int,
+        eos_id: int,
+        targets: list[int | None] | None = None,
     ) -> dict[str, Any]:
-        """Sample one completion per prompt with the rollout copy; return TRL's rollout_func dict."""
+        """Sample one completion per prompt with the rollout copy; return TRL's rollout_func dict. ``targets``
+        (``collapse``): per prompt, the character count at which its fragile context comes (None: not fragile)."""
         if self.model is None:
             raise RuntimeError("MismatchRollout.generate before sync(): no rollout weights yet.")
         width = max(len(p) for p in prompt_ids)
@@ -193,12 +272,19 @@ class MismatchRollout:
             noise = self._fragile
             noise.flips = []
             processors.append(noise)
+        if self.kind == "collapse" and targets is not None:
+            if temperature != 1.0 or self.char_len is None:
+                raise ValueError("`collapse` needs temperature 1.0 and `set_tokenizer` first (characters per token).")
+            noise = _SupportCollapse(targets, self.char_len, width, self.collapse_token, self.collapse_mass)
+            processors.append(noise)
         sequences, logp_all = self._sample(
             input_ids, attention, processors, max_new_tokens, temperature, pad_id, eos_id
         )
         logp = logp_all.gather(-1, sequences.unsqueeze(-1)).squeeze(-1)  # (B, T)
         if noise is not None:
             self.last_flips = torch.stack(noise.flips, dim=1)  # (B, T)
+        if isinstance(noise, _SupportCollapse):
+            self.collapse_p_token.extend(noise.p_token)
         result: dict[str, Any] = {"prompt_ids": [list(p) for p in prompt_ids], "completion_ids": [], "logprobs": []}
         if self.topk:
             top_lp, top_ids = logp_all.topk(min(self.topk, logp_all.size(-1)), dim=-1)  # (B, T, k)
@@ -208,6 +294,7 @@ class MismatchRollout:
             n = row.index(eos_id) + 1 if eos_id in row else len(row)  # keep the EOS token, as TRL does
             result["completion_ids"].append(row[:n])
             self.sampled_tokens += n
+            self.sampled_sequences += 1
             if noise is not None:
                 self.flipped_tokens += int(self.last_flips[i, :n].sum())
             result["logprobs"].append(logp[i, :n].tolist())
@@ -270,10 +357,17 @@ class MismatchRollout:
         self.sync(policy, trainer.state.global_step)
         prompt_ids = trainer._tokenize_prompts(prompts)[0]  # exactly TRL's prompt ids
         tok = trainer.processing_class
+        targets = None
+        if self.kind == "collapse":
+            if self.char_len is None:
+                self.set_tokenizer(tok)
+            texts = [p[-1]["content"] if isinstance(p, list) else str(p) for p in prompts]
+            targets = [fragile_prompt_target(t, self.collapse_fraction, self.seed) for t in texts]
         return self.generate(
             prompt_ids,
             max_new_tokens=args.max_completion_length,
             temperature=args.temperature,
             pad_id=tok.pad_token_id,
             eos_id=tok.eos_token_id,
+            targets=targets,
         )

@@ -192,6 +192,8 @@ def test_realistic_preset_is_the_issues_realistic_regime():
 
 @pytest.mark.slow
 def test_study_smoke_writes_results(tmp_path):
+    """`--smoke`: the harmful preset's path at toy size (4 optimizer steps = one generated batch reused 4 times):
+    clean and collapse, `none` and `trm`, then the two controls from the `trm` run; the rule's tables are written."""
     from experiments import mismatch_study
 
     report = mismatch_study.main(["--smoke", "--out-dir", str(tmp_path)])
@@ -199,16 +201,25 @@ def test_study_smoke_writes_results(tmp_path):
         assert (tmp_path / name).stat().st_size > 0, name
     saved = json.loads((tmp_path / "smoke.json").read_text())
     assert {"meta", "summary", "runs", "curves"} <= saved.keys()
-    runs = {r["method"]: r for r in report["runs"]}
-    assert set(runs) == {"none", "trm"} and all(r["kind"] == "impulse" for r in runs.values())
+    runs = {(r["kind"], r["method"]): r for r in report["runs"]}
+    assert set(runs) == {("clean", "none")} | {("collapse", m) for m in ("none", "trm", "trm_random", "trm_equal")}
     for r in runs.values():
         assert 0.0 <= r["accept_rate"] <= 1.0
         assert 0.0 <= r["eval_reward_final"] <= 1.0 and 0.0 <= r["train_reward_last"] <= 1.0
         assert math.isfinite(r["grad_norm_max"]) and r["grad_norm_max"] >= 0
-    assert runs["none"]["accept_rate"] == 1.0  # no correction: nothing rejected
-    assert runs["trm"]["accept_rate"] < 1.0  # impulse noise (p = 0.3, sigma = 8) leaves the trust region
-    curves = {c["method"]: c["curves"] for c in saved["curves"]}
-    assert len(curves["trm"]["reward"]) == 2 and len(curves["trm"]["trm/accept_rate"]) == 2
+    assert runs[("collapse", "none")]["accept_rate"] == 1.0  # no correction: nothing rejected
+    trm = runs[("collapse", "trm")]
+    assert (
+        trm["accept_rate"] < 1.0 and trm["fragile_visits_per_sequence"] > 0
+    )  # the collapsed sequences leave the region
+    assert (
+        trm["collapse_p_token_median"] < 1e-3
+    )  # support collapse: the engine's token is one the trainer all but excludes
+    assert runs[("collapse", "trm_equal")]["batch"] > runs[("collapse", "trm")]["batch"]  # scaled by 1 / accept
+    curves = {(c["kind"], c["method"]): c["curves"] for c in saved["curves"]}
+    assert len(curves[("collapse", "trm")]["trm/accept_rate"]) == 4  # one value per optimizer step
+    table = (tmp_path / "smoke_table.md").read_text()
+    assert "positive control" in table and "| collapse |" in table
 
 
 def test_trl_sequence_mask_method_weights_kept_sequences_by_their_product_ratio(tmp_path, tiny_model_dir, toy_dataset):
@@ -216,11 +227,12 @@ def test_trl_sequence_mask_method_weights_kept_sequences_by_their_product_ratio(
     token of a kept sequence, 0 elsewhere, and `trm/token_weight/mean` reports those weights."""
     from trainer_kwargs import base_config_kwargs, length_reward
 
-    from experiments.mismatch_study import METHODS, _trl_sequence_mask_trainer
+    from experiments.mismatch_study import METHODS
+    from experiments.study_arms import trl_sequence_mask_trainer
     from trl_trm import TRMConfig
 
     args = TRMConfig(**base_config_kwargs(tmp_path / "out", **METHODS["trl_sequence_mask"]))
-    trainer = _trl_sequence_mask_trainer()(
+    trainer = trl_sequence_mask_trainer()(
         model=tiny_model_dir, reward_funcs=length_reward, args=args, train_dataset=toy_dataset
     )
     trainer.model.train()
@@ -240,7 +252,7 @@ def test_trl_sequence_mask_method_weights_kept_sequences_by_their_product_ratio(
 
 
 def test_aggregate_pairs_each_method_with_the_baseline_of_the_same_seed():
-    from experiments.mismatch_study import SUMMARY_FIELDS, aggregate, markdown_table
+    from experiments.study_report import SUMMARY_FIELDS, aggregate, markdown_table
 
     def row(method, seed, reward):
         fields = SUMMARY_FIELDS + ("eval_reward_init", "token_weight", "accept_q2", "accept_q3", "mean_length")
@@ -259,3 +271,131 @@ def test_aggregate_pairs_each_method_with_the_baseline_of_the_same_seed():
     assert agg["none"]["delta_eval_mean"] == 0.0
     table = markdown_table(list(agg.values()), ("flip",), ("none", "trm"))
     assert "| +0.050 ± 0.050 |" in table and "| flip | none | 0.400 ± 0.283 | — |" in table
+
+
+# ------------------------------------------------------------------------------------------------ issue 17
+def test_collapse_puts_its_mass_on_the_fatal_token_at_the_first_crossing_of_the_target(tiny):
+    """Support collapse: at the first step where a fragile row's answer reaches its target character count, the engine
+    samples from 0.95 x one-hot(token) + 0.05 x policy and reports that distribution's log-prob; safe rows and every
+    other step are the policy's own (fp32) distribution."""
+    tok, model, prompts = tiny
+    engine = MismatchRollout("collapse", collapse_fraction=1.0, collapse_token=3, collapse_mass=0.95)
+    engine.sync(model, step=0)
+    engine.set_tokenizer(tok)
+    out_safe = _generate(engine, tok, prompts, new=8)  # no targets: no fragile row
+    assert engine.last_flips is None and not engine.collapse_p_token
+    out = engine.generate(prompts, max_new_tokens=8, temperature=1.0, pad_id=tok.pad_token_id,
+                          eos_id=tok.eos_token_id, targets=[0, None, 2])  # fmt: skip
+    flips = engine.last_flips  # (3, T)
+    assert flips[0].tolist()[0] is True and int(flips[0].sum()) == 1  # target 0: the very first step, once
+    assert not bool(flips[1].any())  # not fragile
+    assert int(flips[2].sum()) <= 1
+    trainer = _trainer_logps(model, prompts, out["completion_ids"])
+    for row, (reported, exact) in enumerate(zip(out["logprobs"], trainer, strict=True)):
+        for t, (r, e) in enumerate(zip(reported, exact.tolist(), strict=True)):
+            if bool(flips[row, t]):
+                token = out["completion_ids"][row][t]
+                want = math.log(0.95 * (token == 3) + 0.05 * math.exp(e))
+                assert r == pytest.approx(want, abs=1e-4)
+            else:
+                assert r == pytest.approx(e, abs=1e-4)
+    assert engine.collapse_p_token and all(p < 1e-2 for p in engine.collapse_p_token)  # token 3: untrained, rare
+    assert out_safe["completion_ids"]  # the call without targets runs unperturbed
+    with pytest.raises(ValueError, match="temperature 1.0"):
+        engine.generate(prompts, max_new_tokens=2, temperature=0.7, pad_id=0, eos_id=1, targets=[0, 0, 0])
+    with pytest.raises(ValueError, match="collapse_mass"):
+        MismatchRollout("collapse", collapse_mass=1.0)
+
+
+def test_fragile_prompts_are_a_fixed_share_of_the_class_and_length_pairs():
+    from experiments.rollout_engine import fragile_prompt_target
+
+    pairs = [f"{k} {n}" for k in ("letters", "digits") for n in range(2, 200)]
+    half = [fragile_prompt_target(p, 0.5, seed=4) for p in pairs]
+    assert 0.35 < sum(t is not None for t in half) / len(pairs) < 0.65
+    assert half == [fragile_prompt_target(p, 0.5, seed=4) for p in pairs]  # fixed by the seed
+    assert half != [fragile_prompt_target(p, 0.5, seed=5) for p in pairs]
+    assert all(fragile_prompt_target(p, 1.0, seed=0) == int(p.split()[1]) for p in pairs)
+    assert fragile_prompt_target("reverse: abc", 1.0, seed=0) is None
+
+
+def test_stale_engine_uses_the_newest_weights_at_or_before_the_lag_when_syncs_are_sparse(tiny):
+    """With num_iterations = 4 the engine syncs every 4 optimizer steps: stale_k = 4 is the previous batch's weights."""
+    _, model, _ = tiny
+    engine = MismatchRollout("stale", stale_k=4)
+    for step in (0, 4, 8, 12):
+        engine.sync(model, step=step)
+        assert engine.weights_step == max(0, step - 4)
+
+
+def test_equal_count_batch_scales_by_the_inverse_accept_rate_in_whole_groups():
+    from experiments.study_arms import control_setting, equal_count_batch
+
+    assert equal_count_batch(32, 8, 1.0) == 32
+    assert equal_count_batch(32, 8, 0.5) == 64
+    assert equal_count_batch(32, 8, 0.7) == 48  # 45.7 -> 6 groups of 8
+    assert equal_count_batch(32, 8, 0.01) == 128  # at most 4x
+    with pytest.raises(ValueError, match="accept_rate"):
+        equal_count_batch(32, 8, 1.5)
+    run = {"curves": {"trm/accept_rate": [0.5, math.nan, 0.5]}}
+    assert control_setting("trm_equal", run, 32, 8) == {"batch": 64}
+    assert control_setting("trm_random", run, 32, 8) == {"rates": [0.5, 0.5]}
+    with pytest.raises(ValueError, match="not a control"):
+        control_setting("trm", run, 32, 8)
+
+
+def test_random_mask_control_keeps_sequences_at_the_given_rate_without_selection(
+    tmp_path, tiny_model_dir, toy_dataset
+):
+    from trainer_kwargs import base_config_kwargs, length_reward
+
+    from experiments.study_arms import random_mask_trainer
+    from trl_trm import TRMConfig
+
+    args = TRMConfig(**base_config_kwargs(tmp_path / "out", trm_mode="trm"))
+    trainer = random_mask_trainer([0.25], seed=0)(
+        model=tiny_model_dir, reward_funcs=length_reward, args=args, train_dataset=toy_dataset
+    )
+    trainer.model.train()
+    n = 4000
+    theta = torch.zeros(n, 3)
+    roll = theta.clone()
+    roll[: n // 2, 1] = -5.0  # half the sequences far outside TRM's region: selection would reject exactly these
+    batch = {"completion_mask": torch.ones(n, 3, dtype=torch.long), "sampling_per_token_logps": roll,
+             "advantages": torch.ones(n)}  # fmt: skip
+    result, weights = trainer._trm_evaluate(theta, theta, batch)
+    kept = result.keep.float()
+    assert 0.22 < float(kept.mean()) < 0.28
+    assert abs(float(kept[: n // 2].mean()) - float(kept[n // 2 :].mean())) < 0.05  # no selection
+    assert torch.equal(weights, kept.unsqueeze(-1).expand(n, 3))  # weight 1 on the kept sequences' tokens
+
+
+def test_the_rule_pairs_by_seed_and_calls_a_difference_only_beyond_its_paired_se():
+    from experiments.study_report import paired, positive_controls, rule_report, trm_verdict
+
+    def rows(kind, method, values):
+        return [{"kind": kind, "method": method, "seed": s, "eval_reward_final": v, "accept_rate": 1.0}
+                for s, v in enumerate(values)]  # fmt: skip
+
+    seed_effect = [0.0, 0.3, -0.2, 0.1, 0.5]  # large between-seed spread, removed by pairing
+    data = rows("clean", "none", [0.6 + e for e in seed_effect])
+    data += rows(
+        "fam", "none", [0.5 + e + d for e, d in zip(seed_effect, [0.01, -0.01, 0.0, 0.02, -0.02], strict=True)]
+    )
+    data += rows("fam", "token_mis", [0.52 + e for e in seed_effect])
+    data += rows("fam", "trm", [0.6 + e + d for e, d in zip(seed_effect, [0.01, 0.0, -0.01, 0.0, 0.0], strict=True)])
+    data += rows("fam", "trm_random", [0.5 + e for e in seed_effect])
+    p = paired(data, ("clean", "none"), ("fam", "none"))
+    assert p["n"] == 5 and p["mean"] == pytest.approx(0.1) and p["se"] < 0.01
+    assert positive_controls(data, "clean", ["fam"])["fam"]["passed"]
+    assert trm_verdict(data, "fam", "trm", "token_mis") == "helps"
+    assert trm_verdict(data, "fam", "trm_random", "token_mis").startswith("hurts")  # 0.02 below token_mis, SE ~0
+    noisy = [dict(r) for r in data]
+    for r in noisy:  # an unpaired-looking shuffle of trm: same mean, differences no longer consistent
+        if r["method"] == "trm":
+            r["eval_reward_final"] += 0.4 * (-1) ** r["seed"]
+    assert trm_verdict(noisy, "fam", "trm", "token_mis").startswith("no difference at power")
+    failed = [r for r in data if r["kind"] != "clean"] + rows("clean", "none", [0.5 + e for e in seed_effect])
+    assert not positive_controls(failed, "clean", ["fam"])["fam"]["passed"]
+    table = rule_report(failed, "clean", ["fam"], ("none", "token_mis", "trm", "trm_random"))
+    assert "| failed |" in table and "not ranked (control failed)" in table
