@@ -12,6 +12,7 @@ from trainer_kwargs import loss_batch
 from trl import GRPOTrainer
 
 import trl_trm.trainer as trainer_module
+from trl_trm.setup_checks import setup_rollout_topk
 from trl_trm.topk import FusedHeadCapture, ids_with_sampled
 
 
@@ -416,7 +417,7 @@ def _with_fake_vllm(trainer):
     trainer.vllm_generation = FakeVLLMGeneration(
         trainer.model, trainer.temperature, trainer.args.max_completion_length
     )
-    trainer._trm_topk_setup()
+    setup_rollout_topk(trainer)
     return trainer
 
 
@@ -452,7 +453,7 @@ def test_topk_start_up_checks(make_trainer):
     trainer = make_trainer(trm_mode="trm_exact", trm_rollout_topk=2)
     trainer.tools = [len]  # tool calling interleaves several generation turns per completion
     with pytest.raises(ValueError, match="does not support tool calling"):
-        trainer._trm_topk_setup()
+        setup_rollout_topk(trainer)
     with pytest.raises(ValueError, match="continuous batching"):
         make_trainer(trm_mode="none", trm_rollout_topk=2, use_transformers_continuous_batching=True)
 

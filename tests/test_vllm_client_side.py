@@ -1,5 +1,5 @@
 """vLLM client side without vLLM: TRL's real `VLLMGeneration` (server mode) talking to a fake `VLLMClient`, plus the
-start-up checks of `TRMTrainer._trm_check_vllm` against fake server / engine configurations. No network, no vLLM.
+start-up checks of `trl_trm.vllm_checks.check_trainer_engine` against fake server / engine configurations. No network, no vLLM.
 
 The fake server holds a copy of the tiny model, receives the weight syncs TRL streams to it, samples completions and
 reports their log-probs as a vLLM server would (through TRL's own `parse_logprobs`, which maps NaN to None), shifted

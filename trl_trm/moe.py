@@ -65,3 +65,10 @@ def masked_aux_loss(capture: RouterLogitsCapture, config: Any, attention_mask, w
         gate_logits = tuple(capture.logits[i * n_layers : (i + 1) * n_layers])
         losses.append(func(gate_logits, num_experts, top_k, kept[start : start + chunk]))
     return torch.stack(losses).mean()
+
+
+def masked_aux_loss_of(model: torch.nn.Module, capture: RouterLogitsCapture, attention_mask, weights, batch_size):
+    """:func:`masked_aux_loss` with the (unwrapped) ``model``'s text config."""
+    config = model.config
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return masked_aux_loss(capture, text_config, attention_mask, weights, batch_size)

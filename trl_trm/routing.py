@@ -260,6 +260,14 @@ class TrainerRouting:
         else:
             self.forcer.arm(routes)
 
+    def arm_forward(self, inputs: dict[str, Any] | None, input_ids: torch.Tensor, logits_to_keep: int) -> None:
+        """Arms the forcer for one training forward: the loss batch's ``trm_routes`` (``inputs``), or, for TRL's
+        forwards inside generation (``inputs`` None), the routes of the batch being scored."""
+        if inputs is not None:
+            self.arm(inputs.get(ROUTES_KEY))
+        else:
+            self.arm(self.pending_layout(input_ids, logits_to_keep))
+
     def pending_layout(self, input_ids: torch.Tensor, logits_to_keep: int) -> torch.Tensor | None:
         """(B, P + C, L, k) routes of the batch being scored (TRL's forwards inside generation), or None."""
         if self.pending is None or len(self.pending[0]) != input_ids.size(0):
@@ -285,6 +293,13 @@ class TrainerRouting:
         width = prompt_width + output["completion_ids"].size(1)
         routes = pad_routes(rows, prompt_lengths, prompt_width, width)
         output[ROUTES_KEY] = routes.to(output["prompt_ids"].device)
+
+    def log_counts(self, inputs: dict[str, Any], gather: Any, window: Any, training: bool) -> None:
+        """:meth:`counts` of the forward just run, summed over every process (``gather``: e.g. `Accelerator.gather`),
+        into the trainer's metrics ``window`` (`trm/routing_disagree_frac` and per layer); nothing without routes."""
+        counts = self.counts(inputs)
+        if counts is not None:
+            window.add_routing("train" if training else "eval", gather(counts.unsqueeze(0)).sum(dim=0))  # (2 + L,)
 
     def counts(self, inputs: dict[str, Any]) -> torch.Tensor | None:
         """(2 + L,) float: [counted tokens, tokens whose routing disagrees, per-layer disagreeing tokens] of the

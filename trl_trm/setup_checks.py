@@ -52,3 +52,25 @@ def check_trainer_setup(trainer: Any) -> None:
             "enables FSDP only on accelerator processes, not with `use_cpu=True`), so the model would not be "
             "sharded. Remove `fsdp` / `fsdp_config`, or run on GPUs (see docs/distributed.md)."
         )
+
+
+def check_old_policy(trainer: Any) -> None:
+    """`trm_old_policy="rollout"` with sampler processors is refused: the processed rollout log-probs would be the
+    denominator of TRL's unprocessed ratio, which would then differ from 1 on-policy."""
+    if trainer.args.trm_old_policy == "rollout" and trainer._trm_processors is not None:
+        raise ValueError(
+            "`trm_old_policy='rollout'` puts the processed rollout log-probs (top-k/top-p/min-p/repetition penalty) "
+            "in the denominator of TRL's unprocessed ratio, which would then differ from 1 on-policy. Sample "
+            "without those processors, or use `trm_old_policy='trainer'`."
+        )
+
+
+def setup_rollout_topk(trainer: Any) -> None:
+    """Checks and vLLM set-up for `trm_rollout_topk = k > 0`."""
+    from . import topk
+
+    engine_func, k = trainer.rollout_func is not None, trainer.args.trm_rollout_topk
+    topk.check_topk_setup(k, trainer.use_transformers_continuous_batching, engine_func, bool(trainer.tools))
+    if trainer.use_vllm and not engine_func:
+        # TRL's VLLMGeneration asks for `logprobs=0` (the sampled token's), read at every call: now also the top-k.
+        trainer.vllm_generation.logprobs = k  # the engine's `max_logprobs` is then checked against it

@@ -26,7 +26,7 @@ from .masking import (
 from .processors import sampler_for_trainer
 from .rollout import RolloutLogprobChecks, record_sampling_logprobs
 from .run_health import RunHealth
-from .setup_checks import check_trainer_setup, trm_config_for
+from .setup_checks import check_old_policy, check_trainer_setup, setup_rollout_topk, trm_config_for
 from .topk import BATCH_KEYS
 from .trainer_io import TrainerIOSeams
 from .vllm_checks import check_trainer_engine
@@ -120,28 +120,15 @@ class TRMTrainer(TrainerIOSeams, GRPOTrainer):
         self._trm_topk = args.trm_rollout_topk
         self._trm_topk_stash = self._trm_pending_topk = None  # top-k of the last turn / of the batch being built
         if self._trm_topk > 0:
-            self._trm_topk_setup()
+            setup_rollout_topk(self)  # top-k checks; vLLM asked for the top-k log-probs
         check_trainer_engine(self)  # vLLM must report processed log-probs, and enough of them (docs/vllm.md)
         self._trm_processors = sampler_for_trainer(self)  # sampler processors to reproduce on π_θ (docs/samplers.md)
-        if self._trm_bypass and self._trm_processors is not None:
-            raise ValueError(
-                "`trm_old_policy='rollout'` puts the processed rollout log-probs (top-k/top-p/min-p/repetition penalty) "
-                "in the denominator of TRL's unprocessed ratio, which would then differ from 1 on-policy. Sample "
-                "without those processors, or use `trm_old_policy='trainer'`."
-            )
+        check_old_policy(self)  # bypass with sampler processors: refused
         self._trm_adaptive = args.make_adaptive_thresholds() if args.trm_target_accept_rate is not None else None
         self._trm_calibration = args.make_startup_calibration()  # None unless `trm_calibrate_accept` is set
         # trm_stats.jsonl and its plot; removable with remove_callback(TRMStatsCallback).
         callback = TRMStatsCallback(args.trm_accept_rate_floor, args.trm_accept_rate_patience, plot=args.trm_plot)
         self.add_callback(callback)
-
-    def _trm_topk_setup(self) -> None:
-        """Checks and vLLM set-up for `trm_rollout_topk = k > 0`."""
-        engine_func, k = self.rollout_func is not None, self._trm_topk
-        topk.check_topk_setup(k, self.use_transformers_continuous_batching, engine_func, bool(self.tools))
-        if self.use_vllm and not engine_func:
-            # TRL's VLLMGeneration asks for `logprobs=0` (the sampled token's), read at every call: now also the top-k.
-            self.vllm_generation.logprobs = k  # `_trm_check_vllm` then checks the engine's `max_logprobs` against it
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
         turn = (prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
@@ -227,9 +214,7 @@ class TRMTrainer(TrainerIOSeams, GRPOTrainer):
         """(B, T) log π_old of a generated batch as the mask reads it, and (B, T, k + 1) log π_θ at its top-k ids (or
         None): TRL's old log-probs when they exist and nothing more is needed, else one forward of our own."""
         logps = output.get("old_per_token_logps")
-        if (
-            logps is None or BATCH_KEYS[1] in output or self._trm_processors is not None
-        ):  # needs this forward's capture
+        if logps is None or BATCH_KEYS[1] in output or self._trm_processors is not None:  # needs a capture
             return self._trm_generation_logps(output)
         return logps, None
 
@@ -279,35 +264,23 @@ class TRMTrainer(TrainerIOSeams, GRPOTrainer):
         batch_size = kw.get("batch_size", a[0] if a else None)
         capture = topk.head_capture(inputs, attention_mask, logits_to_keep, batch_size, self._trm_processors)
         routers = moe.RouterLogitsCapture(model) if inputs is not None and self.aux_loss_enabled else None
-        self._trm_arm_routes(inputs, input_ids, logits_to_keep)
+        if self._trm_routing is not None:  # MoE: the rollout's routes, replayed and/or compared (`trl_trm.routing`)
+            self._trm_routing.arm_forward(inputs, input_ids, logits_to_keep)
         with capture or contextlib.nullcontext(), routers or contextlib.nullcontext():
             out = super()._get_per_token_logps_and_entropies(
                 model, input_ids, attention_mask, logits_to_keep, *a, **kw
             )
         if inputs is None:
             return out
-        self._trm_count_routes(inputs)
+        if self._trm_routing is not None:  # trm/routing_disagree_frac of this forward, summed over every process
+            self._trm_routing.log_counts(inputs, self.accelerator.gather, self._trm_window, model.training)
         weights = self._trm_apply(out[0], inputs, *self._trm_head_result(capture))
         logps, entropies, *rest = out
         if routers is not None and weights is not None and rest and rest[0] is not None:  # aux loss over kept tokens
-            config = self.accelerator.unwrap_model(model).config
-            text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-            rest[0] = moe.masked_aux_loss(routers, text_config, attention_mask, weights, batch_size)
+            rest[0] = moe.masked_aux_loss_of(
+                self.accelerator.unwrap_model(model), routers, attention_mask, weights, batch_size
+            )
         return (logps, detach_unweighted(entropies, weights), *rest)  # a zero-weight token's entropy: no gradient
-
-    def _trm_arm_routes(self, inputs, input_ids, logits_to_keep) -> None:
-        """MoE: the rollout's routes of this forward's rows (the loss batch's, or the batch being generated), replayed
-        with `trm_routing_replay` and compared with the forward's own (`trl_trm.routing`)."""
-        if self._trm_routing is not None:
-            routes = self._trm_routing.pending_layout(input_ids, logits_to_keep) if inputs is None else None
-            self._trm_routing.arm(inputs.get(routing.ROUTES_KEY) if inputs is not None else routes)
-
-    def _trm_count_routes(self, inputs) -> None:
-        """`trm/routing_disagree_frac` (and per layer) of the loss forward, gathered over processes."""
-        counts = self._trm_routing.counts(inputs) if self._trm_routing is not None else None
-        if counts is not None:
-            gathered = self.accelerator.gather(counts.unsqueeze(0)).sum(dim=0)  # (2 + L,)
-            self._trm_window.add_routing("train" if self.model.training else "eval", gathered)
 
     def _trm_apply(self, per_token_logps, inputs, theta_topk=None, processed_logps=None) -> torch.Tensor | None:
         """Mask the loss forward's batch in place (on the shallow copy `_compute_loss` made) and return the (B, T)

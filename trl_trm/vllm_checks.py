@@ -1,6 +1,6 @@
 """What a vLLM engine's configuration must say for TRM's rollout log-probs to be right (no vLLM or TRL import).
 
-:func:`check_vllm_logprobs` is `TRMTrainer._trm_check_vllm`'s body, run at start-up: it reads a server's
+:func:`check_vllm_logprobs` is run at start-up by `check_trainer_engine` (from `TRMTrainer.__init__`): it reads a server's
 `/server_info` `model_config` (JSON) or a colocated engine's `ModelConfig` attributes and judges them with
 :func:`vllm_engine_problems`. See docs/vllm.md.
 """

@@ -1,7 +1,7 @@
 """TRMTrainer in vLLM server mode against a real vLLM server on CPU (started by tests/vllm_cpu/serve_cpu.py).
 
 What runs for real: the server (bf16, `--logprobs-mode processed_logprobs --max-logprobs 4`), its `/server_info`,
-which `TRMTrainer._trm_check_vllm` reads at start-up, and generation through TRL's `VLLMClient` (HTTP, TRL's own
+which `trl_trm.vllm_checks.check_trainer_engine` reads at start-up, and generation through TRL's `VLLMClient` (HTTP, TRL's own
 log-prob parsing) feeding TRM's mask.
 
 What cannot run on CPU, and is stubbed here: TRL's weight sync to a server. `VLLMClient.init_communicator` (called
