@@ -282,3 +282,16 @@ def test_plain_trm_keeps_trl_head(make_trainer, monkeypatch):
     trainer.current_gradient_accumulation_steps = 1
     loss = trainer._compute_loss(trainer.model, batch)
     assert torch.isfinite(loss) and not calls
+
+
+def test_float32_rows_with_a_half_precision_head_weight():
+    """fp32 hidden states with a bf16 head weight (and bias): the weight is widened as TRL's head does, not an
+    error from a dtype mismatch in `torch.mm`."""
+    from trl_trm.head_pass import project_rows
+
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(5, 16, generator=gen)
+    weight = torch.randn(40, 16, generator=gen).to(torch.bfloat16)
+    bias = torch.randn(40, generator=gen).to(torch.bfloat16)
+    z = project_rows(h, weight, bias, torch.float32)  # (5, 40)
+    assert torch.allclose(z, h @ weight.float().t() + bias.float(), atol=1e-5)

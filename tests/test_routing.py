@@ -189,3 +189,17 @@ def test_replay_without_recorded_routes_is_an_error():
     plain = dict(batch)
     routing.TrainerRouting(model, replay=False).take(plain)
     assert routing.ROUTES_KEY not in plain
+
+
+def test_armed_routes_stay_int16():
+    """The forcer keeps the (L, B·S, k) routes in int16 (widened per router call), not an int64 copy 4x the size."""
+    from trl_trm.routing import RouteForcer
+
+    class _Router(torch.nn.Module):
+        pass
+
+    _Router.__name__ = "ToyTopKRouter"
+    model = torch.nn.Sequential(_Router(), _Router())
+    forcer = RouteForcer(model, replay=False)
+    forcer.arm(torch.zeros(2, 3, 2, 2, dtype=torch.int16))
+    assert forcer._routes.dtype == torch.int16 and forcer._routes.shape == (2, 6, 2)

@@ -136,6 +136,7 @@ def _fake(model, **attrs):
         args=SimpleNamespace(trm_routing_replay=True),
         model=model,
         accelerator=SimpleNamespace(unwrap_model=lambda m: m),
+        add_callback=lambda callback: None,
     )
     return SimpleNamespace(**{**defaults, **attrs})
 
@@ -215,3 +216,31 @@ def test_replay_with_the_forwards_inside_generation(moe_dir, toy_dataset, tmp_pa
     assert len(logs) == 2 and logs[0]["trm/routing_disagree_frac"] == 0.0
     if "num_iterations" not in settings:
         assert logs[1]["trm/routing_disagree_frac"] == 0.0
+
+
+def test_forcer_is_disarmed_after_training_so_later_forwards_route_freely(moe_dir, toy_dataset, tmp_path):
+    """The forcer stays armed after a loss forward (the backward's recomputation needs it) but not past the step: after
+    `train()` a forward of the model outside the trainer routes by its own router, as with the hooks removed."""
+    trainer = _trainer(moe_dir, toy_dataset, tmp_path, trm_routing_replay=True)
+    trainer.train()
+    forcer = trainer._trm_routing.forcer
+    assert forcer._routes is None
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    ids = torch.tensor([[3, 5, 7, 9, 11, 4]])
+    with torch.no_grad():
+        hooked = model(ids).logits
+        forcer.remove()
+        free = model(ids).logits
+    assert torch.equal(hooked, free)
+
+
+def test_replay_refuses_generation_without_the_kv_cache(moe_dir, toy_dataset, tmp_path):
+    """`use_cache=False` re-runs the whole sequence at every decode step: the recorded routes cannot be laid out per
+    token, and replay would force the wrong experts. Refused with the reason; without replay only the metric is
+    missing."""
+    trainer = _trainer(moe_dir, toy_dataset, tmp_path, trm_routing_replay=True, generation_kwargs={"use_cache": False})
+    with pytest.raises(ValueError, match="use_cache=False"):
+        trainer.train()
+    trainer = _trainer(moe_dir, toy_dataset, tmp_path / "b", generation_kwargs={"use_cache": False})
+    trainer.train()
+    assert not any("trm/routing_disagree_frac" in log for log in trainer.state.log_history)

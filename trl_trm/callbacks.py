@@ -17,6 +17,7 @@ import json
 import math
 import os
 import warnings
+from typing import Any
 
 from transformers import TrainerCallback
 from transformers.utils import logging
@@ -167,3 +168,18 @@ class TRMStatsCallback(TrainerCallback):
             logger.warning(f"trm_stats.png not saved: {err}")
             return
         logger.info(f"TRM statistics plot saved to {path}")
+
+
+class RouteDisarmCallback(TrainerCallback):
+    """Disarms MoE routing replay's forcer (`trl_trm.routing.RouteForcer`) at the end of every optimiser step, of an
+    evaluation and of training. The forcer stays armed after a loss forward on purpose (the backward's recomputation
+    under gradient checkpointing must see the same routes); without this, a later forward of the model outside the
+    trainer (``model.generate``, an evaluation harness) would be forced onto the last training batch's experts."""
+
+    def __init__(self, forcer: Any):
+        self.forcer = forcer
+
+    def _disarm(self, args, state, control, **kwargs):
+        self.forcer.disarm()
+
+    on_step_end = on_evaluate = on_train_end = _disarm

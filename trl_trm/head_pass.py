@@ -70,9 +70,9 @@ def project_rows(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     vocab = weight.size(0)
     z = torch.empty(h.size(0), vocab, dtype=torch.float32, device=h.device)  # (r, V)
     if cd == torch.float32:
-        torch.mm(h, weight.detach().t(), out=z)
+        torch.mm(h, weight.detach().to(cd).t(), out=z)  # a bf16/fp16 head weight under fp32 hidden states: widened
         if bias is not None:
-            z += bias.detach()
+            z += bias.detach().to(cd)
         return z
     for v0 in range(0, vocab, VOCAB_CHUNK):
         v1 = min(v0 + VOCAB_CHUNK, vocab)

@@ -79,6 +79,7 @@ class RouteRecorder:
         self.routers = router_modules(model)
         self.calls: list[torch.Tensor] = []  # (N, k) int16, in call order: L calls per forward
         self._handles: list[Any] = []
+        self.problem: str | None = None  # why :meth:`routes` returned None although calls were recorded
 
     def __enter__(self) -> RouteRecorder:
         def hook(_m, _i, out):
@@ -96,6 +97,13 @@ class RouteRecorder:
         or None when nothing was recorded."""
         layers = len(self.routers)
         if not self.calls or len(self.calls) % layers or self.calls[0].size(0) % batch:
+            return None
+        if any(c.size(0) != batch for c in self.calls[layers:]):  # a decode step fed more than one token per row
+            self.problem = (
+                "a generation step after the prefill ran more than one token per row (generation without the KV "
+                "cache, e.g. `use_cache=False` in `generation_kwargs`, re-runs the whole sequence), so the routes "
+                "cannot be laid out per token"
+            )
             return None
         forwards = []
         for f in range(0, len(self.calls), layers):
@@ -173,7 +181,7 @@ class RouteForcer:
         self.routers = router_modules(model)
         self.layer = {id(r): i for i, r in enumerate(self.routers)}
         self.replay = replay
-        self._routes: torch.Tensor | None = None  # (L, B·S, k) long
+        self._routes: torch.Tensor | None = None  # (L, B·S, k) int16
         self._offset = [0] * len(self.routers)
         self._own: list[list[torch.Tensor]] = [[] for _ in self.routers]
         self._done = [False] * len(self.routers)
@@ -184,7 +192,7 @@ class RouteForcer:
         b, s, layers, k = routes.shape
         if layers != len(self.routers):
             raise ValueError(f"recorded routes have {layers} layers, the model has {len(self.routers)} routers")
-        self._routes = routes.permute(2, 0, 1, 3).reshape(layers, b * s, k).long()
+        self._routes = routes.permute(2, 0, 1, 3).reshape(layers, b * s, k)  # int16, widened per call in the hook
         self._shape = (b, s)
         self._offset = [0] * layers
         self._own = [[] for _ in self.routers]
@@ -218,7 +226,7 @@ class RouteForcer:
             self._done[layer] = start + n == total
         if not self.replay:
             return None
-        armed = self._routes[layer, start : start + n].to(indices.device)  # (N, k)
+        armed = self._routes[layer, start : start + n].to(device=indices.device, dtype=indices.dtype)  # (N, k)
         forced = torch.where(armed >= 0, armed, indices)
         return logits, replay_scores(module, logits, forced), forced
 
@@ -246,6 +254,11 @@ class TrainerRouting:
         """Keeps the recorded routes per row, until :meth:`take` puts them into the batch."""
         recorded = recorder.routes(len(prompt_ids))
         if recorded is None:
+            if self.forcer.replay and recorder.problem is not None:
+                raise ValueError(
+                    f"`trm_routing_replay=True` cannot take effect: {recorder.problem}. Generate with the KV cache "
+                    "(drop `use_cache=False`), or set `trm_routing_replay=False`."
+                )
             return
         routes, width = recorded
         prompt_lengths = [len(p) for p in prompt_ids]
@@ -346,4 +359,8 @@ def check_routing_setup(trainer: Any) -> TrainerRouting | None:
         return None
     if trainer.use_transformers_continuous_batching:
         return None
-    return TrainerRouting(model, replay)
+    from .callbacks import RouteDisarmCallback
+
+    routing = TrainerRouting(model, replay)
+    trainer.add_callback(RouteDisarmCallback(routing.forcer))  # no stale routes forced outside a training step
+    return routing
