@@ -40,38 +40,21 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 
 def _build_model(path: str, args) -> None:
-    import torch
-    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+    from trl_trm.tiny import save_tiny_moe_model
 
-    from trl_trm.moe import router_modules
-    from trl_trm.tiny import build_tiny_tokenizer
-
-    tok = build_tiny_tokenizer()
-    torch.manual_seed(0)
-    config = Qwen3MoeConfig(
-        vocab_size=len(tok),
+    save_tiny_moe_model(
+        path,
         hidden_size=args.hidden,
         intermediate_size=2 * args.hidden,
         moe_intermediate_size=args.hidden,
         num_hidden_layers=args.layers,
         num_attention_heads=max(1, args.hidden // 32),
-        num_key_value_heads=1,
         head_dim=32,
         num_experts=args.experts,
         num_experts_per_tok=args.topk,
         norm_topk_prob=True,
         tie_word_embeddings=True,
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-        bos_token_id=None,
     )
-    model = Qwen3MoeForCausalLM(config)
-    for router in router_modules(model):
-        torch.nn.init.normal_(router.weight, std=0.5)
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
 
 
 def _trainer_class():

@@ -119,34 +119,9 @@ def test_fsdp2_routing_replay_on_a_tiny_moe(tmp_path):
     """`trm_routing_replay` under FSDP2 (2 processes): the hooks sit on the routers inside the sharded decoder layers,
     the routes recorded during generation are carried and replayed, and with identical fp32 engines every completion
     token's routing agrees."""
-    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+    from trl_trm.tiny import save_tiny_moe_model
 
-    from trl_trm.tiny import build_tiny_tokenizer
-
-    tok = build_tiny_tokenizer()
-    torch.manual_seed(0)
-    config = Qwen3MoeConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=32,
-        moe_intermediate_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=16,
-        num_experts=4,
-        num_experts_per_tok=2,
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-        bos_token_id=None,
-    )
-    model = Qwen3MoeForCausalLM(config)
-    for layer in model.model.layers:
-        torch.nn.init.normal_(layer.mlp.gate.weight, std=0.5)
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.save_pretrained(tmp_path / "moe")
-    tok.save_pretrained(tmp_path / "moe")
+    save_tiny_moe_model(tmp_path / "moe")
     env = {**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1", "OMP_NUM_THREADS": "1"}
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -14,37 +14,9 @@ from trl_trm.modes import TRM_MODES
 
 @pytest.fixture(scope="module")
 def moe_dir(tmp_path_factory):
-    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+    from trl_trm.tiny import save_tiny_moe_model
 
-    from trl_trm.moe import router_modules
-    from trl_trm.tiny import build_tiny_tokenizer
-
-    tok = build_tiny_tokenizer()
-    torch.manual_seed(0)
-    config = Qwen3MoeConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=32,
-        moe_intermediate_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=16,
-        num_experts=4,
-        num_experts_per_tok=2,
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-        bos_token_id=None,
-    )
-    model = Qwen3MoeForCausalLM(config)
-    for router in router_modules(model):
-        torch.nn.init.normal_(router.weight, std=0.5)
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.generation_config.eos_token_id = tok.eos_token_id
-    path = tmp_path_factory.mktemp("tiny-qwen3-moe")
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
+    return save_tiny_moe_model(tmp_path_factory.mktemp("tiny-qwen3-moe"))
 
 
 def _trainer(moe_dir, toy_dataset, tmp_path, peft_config=None, rollout_func=None, **overrides):

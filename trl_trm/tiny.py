@@ -77,6 +77,49 @@ def build_tiny_model(tokenizer, seed: int = 0, hidden_size: int = 64, num_layers
     return model
 
 
+def build_tiny_moe_model(tokenizer, seed: int = 0, router_std: float | None = 0.5, **config_kwargs):
+    """A randomly initialised tiny Qwen3-MoE causal LM matching ``tokenizer`` (2 layers, hidden 32, 4 experts, top-2,
+    head_dim 16; ``config_kwargs`` override any `Qwen3MoeConfig` field). ``router_std``: the routers' weights are
+    re-drawn from N(0, std²) so that routing is decisive (the default init gives near-uniform router logits); None
+    keeps the default init."""
+    import torch
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    from .moe import router_modules
+
+    torch.manual_seed(seed)
+    fields = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=32,
+        moe_intermediate_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        num_experts=4,
+        num_experts_per_tok=2,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**{**fields, **config_kwargs}))
+    if router_std is not None:
+        for router in router_modules(model):
+            torch.nn.init.normal_(router.weight, std=router_std)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model
+
+
+def save_tiny_moe_model(path: str | os.PathLike, seed: int = 0, **model_kwargs) -> str:
+    """Build the tiny tokenizer and a tiny Qwen3-MoE (:func:`build_tiny_moe_model`) and save both to ``path``."""
+    tokenizer = build_tiny_tokenizer(seed=seed)
+    build_tiny_moe_model(tokenizer, seed=seed, **model_kwargs).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
 def save_tiny_model(path: str | os.PathLike, seed: int = 0, **model_kwargs) -> str:
     """Build the tiny tokenizer and model and save both to ``path`` (returned as str)."""
     tokenizer = build_tiny_tokenizer(seed=seed)

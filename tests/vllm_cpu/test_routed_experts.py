@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-import torch
 
 pytestmark = pytest.mark.vllm
 
@@ -21,32 +20,12 @@ pytestmark = pytest.mark.vllm
 @pytest.fixture(scope="module")
 def tiny_moe_dir(tmp_path_factory):
     """A tiny Qwen3-MoE (head_dim 32, as vLLM's CPU attention needs) and the tiny tokenizer, saved locally."""
-    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+    from trl_trm.tiny import save_tiny_moe_model
 
-    from trl_trm.tiny import build_tiny_tokenizer
-
-    tok = build_tiny_tokenizer()
-    torch.manual_seed(0)
-    config = Qwen3MoeConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=64,
-        moe_intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=32,
-        num_experts=4,
-        num_experts_per_tok=2,
-        max_position_embeddings=512,
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-        bos_token_id=None,
+    sizes = dict(hidden_size=64, intermediate_size=64, moe_intermediate_size=32, head_dim=32)
+    return save_tiny_moe_model(
+        tmp_path_factory.mktemp("tiny-qwen3-moe"), router_std=None, max_position_embeddings=512, **sizes
     )
-    path = tmp_path_factory.mktemp("tiny-qwen3-moe")
-    Qwen3MoeForCausalLM(config).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
 
 
 def test_routed_experts_api_exists_but_the_cpu_engine_refuses_it(tiny_moe_dir):
