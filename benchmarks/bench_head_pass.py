@@ -56,27 +56,11 @@ from bench_masking import calibrate_memory_method, machine_info, profiled_peak_b
 from bench_trm_exact_memory import build_batch  # noqa: E402
 
 import trl_trm.head_pass as head_pass  # noqa: E402
-from trl_trm.lm_head import FusedHeadCapture, head_logprobs_at  # noqa: E402
+from trl_trm.lm_head import FusedHeadCapture, two_pass_on_call  # noqa: E402
 
 RESULTS = HERE / "results"
 MIB = 1 << 20
 TARGET_TIME, TARGET_MEMORY = 1.05, 1.01  # issue 22: trm_exact k = 20 and trm with top-p 0.9, against GRPOTrainer
-
-
-def _two_pass_on_call(self, hidden, weight, bias, targets, temperature, softcap, scale, outputs=("log_probs",)):
-    """The capture before the one-pass head: TRL's own head, then a second, gradient-free projection for the ids."""
-    start, stop, valid, extras = self._locate(hidden, weight, targets)
-    autocast = torch.is_autocast_enabled(hidden.device.type)
-    values = head_logprobs_at(
-        hidden.detach()[extras.rows], weight, bias, extras.ids, temperature=temperature,
-        final_logit_softcapping=softcap, logit_scale=scale,
-        compute_dtype=torch.get_autocast_dtype(hidden.device.type) if autocast else hidden.dtype,
-        processors=extras.processors, first_seen=extras.first_seen, row_sequence=extras.row_sequence,
-        row_position=extras.row_position,
-    )  # fmt: skip
-    self.logprobs[start:stop][valid] = values
-    self.vocab_size = weight.size(0)
-    return self._original.apply(hidden, weight, bias, targets, temperature, 32768, softcap, scale, outputs)
 
 
 def configurations(topk: int, chunks: list[int]) -> dict[str, dict]:
@@ -129,7 +113,7 @@ def setup(spec: dict, shape: dict):
     def step() -> None:
         saved_on_call, saved_chunk = FusedHeadCapture._on_call, head_pass.ONE_PASS_CHUNK_ELEMENTS
         if spec.get("two_pass"):
-            FusedHeadCapture._on_call = _two_pass_on_call
+            FusedHeadCapture._on_call = two_pass_on_call
         head_pass.ONE_PASS_CHUNK_ELEMENTS = spec.get("chunk", saved_chunk)  # read at call time
         try:
             loss = trainer._compute_loss(model, dict(batch))

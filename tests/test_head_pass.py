@@ -13,7 +13,7 @@ from trl.kernels import ChunkedLogProbFunction
 import trl_trm.head_pass as head_pass
 import trl_trm.trainer as trainer_module
 from trl_trm.head_pass import HeadExtras, OnePassHead
-from trl_trm.lm_head import FusedHeadCapture, head_logprobs_at
+from trl_trm.lm_head import FusedHeadCapture, head_logprobs_at, two_pass_on_call
 from trl_trm.processors import SamplerProcessors, first_occurrence
 
 ALL_OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
@@ -190,20 +190,6 @@ def test_no_logits_tensor_outlives_the_forward():
 
 
 # --------------------------------------------------------------------------- in the trainer
-def _legacy_on_call(self, hidden, weight, bias, targets, temperature, softcap, scale, outputs=("log_probs",)):
-    """The capture as it was: TRL's own head, and a second, gradient-free projection for the ids."""
-    start, stop, valid, extras = self._locate(hidden, weight, targets)
-    autocast = torch.is_autocast_enabled(hidden.device.type)
-    values = head_logprobs_at(
-        hidden.detach()[extras.rows], weight, bias, extras.ids, temperature=temperature,
-        final_logit_softcapping=softcap, logit_scale=scale,
-        compute_dtype=torch.get_autocast_dtype(hidden.device.type) if autocast else hidden.dtype,
-        processors=extras.processors, first_seen=extras.first_seen, row_sequence=extras.row_sequence,
-        row_position=extras.row_position,
-    )  # fmt: skip
-    self.logprobs[start:stop][valid] = values
-    self.vocab_size = weight.size(0)
-    return self._original.apply(hidden, weight, bias, targets, temperature, 32768, softcap, scale, outputs)
 
 
 def _loss_and_grads(trainer, batch, monkeypatch, legacy):
@@ -219,7 +205,7 @@ def _loss_and_grads(trainer, batch, monkeypatch, legacy):
     with monkeypatch.context() as m:
         m.setattr(trainer_module.TRMTrainer, "_trm_head_result", spy)
         if legacy:
-            m.setattr(FusedHeadCapture, "_on_call", _legacy_on_call)
+            m.setattr(FusedHeadCapture, "_on_call", two_pass_on_call)
         params = [p for p in trainer.model.parameters() if p.requires_grad]
         loss = trainer._compute_loss(trainer.model, dict(batch))
         grads = torch.autograd.grad(loss, params)

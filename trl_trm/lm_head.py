@@ -300,3 +300,21 @@ class FusedHeadCapture:
                 "(`add_fused_lm_head`, the default of GRPOTrainer in trl 1.16)."
             )
         return self.logprobs
+
+
+def two_pass_on_call(capture, hidden, weight, bias, targets, temperature, softcap, scale, outputs=("log_probs",)):
+    """The capture before the one-pass head (issue 22), kept as the reference the tests and `bench_head_pass.py`
+    compare against: TRL's own fused head, then a second, gradient-free projection of the rows for π_θ at the ids
+    (:func:`head_logprobs_at`). A drop-in for `FusedHeadCapture._on_call`; not used in training."""
+    start, stop, valid, extras = capture._locate(hidden, weight, targets)
+    autocast = torch.is_autocast_enabled(hidden.device.type)
+    values = head_logprobs_at(
+        hidden.detach()[extras.rows], weight, bias, extras.ids, temperature=temperature,
+        final_logit_softcapping=softcap, logit_scale=scale,
+        compute_dtype=torch.get_autocast_dtype(hidden.device.type) if autocast else hidden.dtype,
+        processors=extras.processors, first_seen=extras.first_seen, row_sequence=extras.row_sequence,
+        row_position=extras.row_position,
+    )  # fmt: skip
+    capture.logprobs[start:stop][valid] = values
+    capture.vocab_size = weight.size(0)
+    return capture._original.apply(hidden, weight, bias, targets, temperature, 32768, softcap, scale, outputs)
