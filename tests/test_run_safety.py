@@ -459,3 +459,25 @@ def test_resuming_a_finished_run_end_to_end_leaves_it_unchanged(tmp_path, capsys
     assert "already reached max_steps 6 (step 6): nothing to train" in capsys.readouterr().out
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
     assert (out / "model.safetensors").read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    ("message", "named"),
+    [
+        ("Application timeout caused pair closure", True),  # gloo, in DDP's backward allreduce
+        ("[../gloo/transport/tcp/pair.cc:534] Read error: Connection timed out", True),
+        ("CUDA out of memory", False),
+    ],
+)
+def test_collective_timeout_names_gloo_timeouts_in_a_multi_process_run(monkeypatch, message, named):
+    """Every gloo wording of a collective timeout gets the one `ddp_timeout` line (only in a multi-process run)."""
+    import torch.distributed as dist
+
+    from trl_trm.cli import collective_timeout
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    line = collective_timeout(RuntimeError(message))
+    assert (line is not None and "ddp_timeout" in line) == named
+    monkeypatch.setattr(dist, "get_world_size", lambda: 1)
+    assert collective_timeout(RuntimeError(message)) is None
